@@ -1,0 +1,50 @@
+# diffviz — every target sets up what it needs, so each works on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned for this CPU machine here, not in the library's own requirements.
+TORCH_PIN ?= torch==2.13.0
+PORT ?= 5006
+DEMO_DIR ?= datasets/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench site venv chromium clean help
+
+help:
+	@echo "make demo   - set up, generate a run with the embedded default model, serve the dashboard"
+	@echo "make test   - set up (venv, Chromium) and run the whole test suite"
+	@echo "make bench  - run the benchmarks and print their ratios"
+	@echo "make site   - build the static Pyodide site into site/"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[capture,test]"
+	touch $@
+
+# Debian's Chromium for the browser tests (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
+	  { echo "installing Debian's chromium"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
+
+demo: venv
+	$(VENV)/bin/diffviz generate --prompt "a red circle and a blue square" --num-steps 30 \
+	  --output-dir $(DEMO_DIR) --overwrite-output
+	$(VENV)/bin/diffviz validate $(DEMO_DIR) --strict
+	$(VENV)/bin/diffviz serve --port $(PORT) --dataset $(DEMO_DIR)
+
+test: venv chromium
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv chromium
+	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+site: venv
+	$(VENV)/bin/diffviz build-site --out site
+
+clean:
+	rm -rf site dist build *.egg-info test-artifacts

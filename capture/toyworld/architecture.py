@@ -1,0 +1,96 @@
+"""The toy world's model: a complete, tiny Stable-Diffusion-format pipeline.
+
+Everything is built from small configs in code, so the same pipeline can be
+randomly initialised (a control for the attention evaluation), trained
+(``capture.toyworld.train``) and saved with ``save_pretrained`` into a folder
+that loads offline through ``StableDiffusionPipeline.from_pretrained`` — the
+same path that real checkpoints take.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+IMAGE_SIZE = 32
+LATENT_CHANNELS = 4
+CONTEXT_LENGTH = 16
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+#: Every word the toy world's caption grammar can produce.
+DEFAULT_WORDS: tuple[str, ...] = (
+    "a", "and", "on", "the", "left", "right", "top", "bottom", "small", "big",
+    "red", "green", "blue", "yellow",
+    "circle", "square", "triangle",
+)
+
+
+def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary is exactly ``words`` (one token per word).
+
+    CLIP's BPE starts from characters with ``</w>`` on the last one; the merges
+    rebuild each word left to right, so every grammar word is a single token.
+    """
+    symbols: list[str] = []
+    merges: list[tuple[str, str]] = []
+
+    def add(symbol: str) -> None:
+        if symbol not in seen:
+            seen.add(symbol)
+            symbols.append(symbol)
+
+    seen: set[str] = set()
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for piece in pieces:
+            add(piece)
+        acc = pieces[0]
+        for piece in pieces[1:]:
+            if (acc, piece) not in merges:
+                merges.append((acc, piece))
+            acc = acc + piece
+            add(acc)
+    for special in (BOS, EOS):
+        add(special)
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    # transformers 5: the tokenizers-backed CLIPTokenizer takes the vocab dict and merges as tuples.
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+        model_max_length=CONTEXT_LENGTH,
+    )
+    return tokenizer
+
+
+def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int = 0, seed: int = 0) -> StableDiffusionPipeline:
+    """A randomly initialised toy pipeline (32×32 RGB, 16×16×4 latents)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=text_layers, num_attention_heads=4,
+        max_position_embeddings=CONTEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        sample_size=IMAGE_SIZE, scaling_factor=1.0,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+        cross_attention_dim=64, attention_head_dim=8,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
