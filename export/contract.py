@@ -1,0 +1,176 @@
+"""The dataset contract in code: file names, shapes, path rules and size accounting.
+
+This is the only module that spells the run layout; the writer, the reader, the
+validator and the generator all call it. ``CONTRACT.md`` beside it is the prose
+version and must stay in step with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+#: The layout version this code writes and reads.
+SCHEMA_VERSION = 1
+#: Every schema_version this code can read.
+KNOWN_SCHEMA_VERSIONS = frozenset({1})
+
+METADATA_FILE = "metadata.json"
+METRICS_FILE = "metrics.json"
+PCA_FILE = "latent_pca.json"
+VALIDATION_FILE = "validation.json"
+LATENTS_FILE = "latents_noise_fp16.npz"
+#: Files that live in a run but are not listed in its manifest.
+UNLISTED_FILES = frozenset({METADATA_FILE, VALIDATION_FILE})
+#: JSON files listed in the manifest (written by ``RunWriter.finish``).
+JSON_FILES = (METRICS_FILE, PCA_FILE)
+
+#: dtype of every ``.bin`` map: float16, little-endian, C order.
+BIN_DTYPE = "<f2"
+BIN_ITEMSIZE = 2
+
+#: Manifest ``kind`` values.
+KIND_CROSS, KIND_SELF, KIND_IMAGE, KIND_LATENTS, KIND_JSON = "cross", "self", "image", "latents", "json"
+KINDS = (KIND_CROSS, KIND_SELF, KIND_IMAGE, KIND_LATENTS, KIND_JSON)
+
+#: Tolerance for the attention sum rules, sized for float16 storage
+#: (each value carries a relative error up to 2**-11).
+SUM_TOLERANCE = 1e-2
+CROSS_SUM_RULE = "stored maps sum to <= 1 over tokens; == 1 only if full_distribution"
+SELF_SUM_RULE = "each row sums to 1"
+
+
+class DatasetError(ValueError):
+    """A problem with a run's data or layout. The message is one line naming the problem."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def cross_path(layer: int, step: int) -> str:
+    return f"attention/cross/layer_{int(layer)}_step_{int(step):03d}.bin"
+
+
+def self_path(layer: int, step: int) -> str:
+    return f"attention/self/layer_{int(layer)}_step_{int(step):03d}.bin"
+
+
+def image_path(step: int) -> str:
+    return f"images/step_{int(step):03d}.png"
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a plain relative path inside a run, else raise :class:`DatasetError`.
+
+    Rejected: empty names, absolute paths, drive letters and URLs (anything with a
+    ``scheme:`` prefix), backslashes, ``.``/``..``/empty components, control characters.
+    """
+    if not isinstance(path, str) or not path:
+        raise DatasetError(f"path {path!r}: must be a non-empty string")
+    if any(ord(c) < 32 for c in path):
+        raise DatasetError(f"path {path!r}: contains control characters")
+    if "\\" in path:
+        raise DatasetError(f"path {path!r}: backslashes are not allowed")
+    if path.startswith("/"):
+        raise DatasetError(f"path {path!r}: absolute paths are not allowed")
+    if _SCHEME.match(path) or "://" in path:
+        raise DatasetError(f"path {path!r}: URLs and drive letters are not allowed")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise DatasetError(f"path {path!r}: '..', '.' and empty components are not allowed")
+    return path
+
+
+def resolve_inside(root: str | os.PathLike, relpath: str) -> Path:
+    """``root/relpath`` after :func:`check_relative_path`, refusing symlinks that lead outside ``root``."""
+    check_relative_path(relpath)
+    base = Path(root).resolve()
+    full = (base / relpath).resolve()
+    if full != base and base not in full.parents:
+        raise DatasetError(f"path {relpath!r}: resolves outside the run folder (symlink?)")
+    return full
+
+
+def shape_bytes(shape: Sequence[int]) -> int:
+    """Bytes of a ``.bin`` map of this shape: ``prod(shape) * 2``."""
+    return math.prod(int(n) for n in shape) * BIN_ITEMSIZE
+
+
+def known_schema_version(metadata: Mapping[str, Any]) -> int:
+    """The run's schema_version, or :class:`DatasetError` if missing or unknown."""
+    version = metadata.get("schema_version") if isinstance(metadata, Mapping) else None
+    if version is None:
+        raise DatasetError("metadata.json: schema_version is missing")
+    if isinstance(version, bool) or version not in KNOWN_SCHEMA_VERSIONS:
+        known = ", ".join(map(str, sorted(KNOWN_SCHEMA_VERSIONS)))
+        raise DatasetError(
+            f"metadata.json: schema_version {version!r} is not known to this diffviz (it reads {known}); "
+            "upgrade diffviz or regenerate the run"
+        )
+    return int(version)
+
+
+# --------------------------------------------------------------------------- size accounting
+
+#: Allowance for metadata.json, metrics.json, latent_pca.json and validation.json.
+JSON_BASE_BYTES = 16_384
+#: Per-file allowance in metadata.json's manifest (path, bytes, sha256, shape).
+MANIFEST_ENTRY_BYTES = 200
+#: Per-step allowance in metrics.json per layer (entropy, KL) and per token (share, ranking).
+METRIC_VALUE_BYTES = 24
+
+
+def projected_bytes(
+    num_steps: int,
+    layers: Iterable[Mapping[str, Any]],
+    *,
+    image_size: tuple[int, int] | None = None,
+    latent_shape: Sequence[int] | None = None,
+    save_latents_noise: bool = False,
+) -> int:
+    """Projected size of a run in bytes, before generating it.
+
+    ``layers`` are metadata-style dicts with ``cross_shape`` / ``self_shape`` (``None`` when that
+    kind is disabled). Maps are exact (``prod(shape) * 2`` per step); previews are counted at
+    their raw RGB size ``H * W * 3`` (PNG is usually smaller, so this is an upper estimate for
+    them); the optional latents file is ``(2N + 1) * prod(latent_shape) * 2`` plus the npz
+    framing; JSON is a fixed allowance plus a per-file and per-value allowance.
+    """
+    n = int(num_steps)
+    total = JSON_BASE_BYTES
+    files = 0
+    tokens = 0
+    layer_count = 0
+    for layer in layers:
+        layer_count += 1
+        for key in ("cross_shape", "self_shape"):
+            shape = layer.get(key)
+            if shape:
+                total += n * shape_bytes(shape)
+                files += n
+        if layer.get("cross_shape"):
+            tokens = max(tokens, int(layer["cross_shape"][0]))
+    if image_size is not None:
+        h, w = image_size
+        total += n * (int(h) * int(w) * 3 + 1024)
+        files += n
+    if save_latents_noise and latent_shape is not None:
+        total += (2 * n + 1) * math.prod(int(d) for d in latent_shape) * BIN_ITEMSIZE + 1024
+        files += 1
+    total += files * MANIFEST_ENTRY_BYTES
+    total += n * (2 * layer_count + 2 * tokens + 4) * METRIC_VALUE_BYTES
+    return total
+
+
+def dataset_bytes(path: str | os.PathLike) -> int:
+    """The real size of a run folder: the sum of its files' sizes (symlinks not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total

@@ -1,0 +1,450 @@
+"""Read a run lazily from a folder, a URL or uploaded bytes, with a bounded LRU cache.
+
+    run = open_run("datasets/default")             # folder (CPython)
+    run = open_run("https://host/datasets/default")  # URL (CPython: urllib; Pyodide: sync XHR)
+    run = open_run("datasets/default")             # under Pyodide: a URL relative to the page/worker
+    run = open_run({"run/metadata.json": b"...", ...})  # uploaded files, with or without the folder prefix
+
+    run.metadata, run.metrics, run.pca      # read up front
+    run.cross(layer, step)                  # float32 [T, r, r], read on first use, then cached
+    run.self_attention(layer, step)         # float32 [s*s, s*s]
+    run.image(step)                         # uint8 [H, W, 3]
+    run.latents()                           # (latents [N+1, C, h, w], noise [N, C, h, w]) float32, or None
+
+Each source only implements ``read_bytes(relpath) -> bytes`` (whole files: HTTP range requests are
+never assumed). Arrays handed out are read-only, because the cache shares them. Every problem
+with the data raises :class:`export.contract.DatasetError` with one line naming it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+from urllib.parse import quote, urljoin, urlsplit
+
+import numpy as np
+
+from . import contract
+from .contract import DatasetError
+
+
+def in_pyodide() -> bool:
+    return sys.platform == "emscripten"
+
+
+# ============================================================================ sources
+class Source(Protocol):
+    name: str
+
+    def read_bytes(self, relpath: str) -> bytes: ...
+
+
+class FolderSource:
+    """Files of a run folder on disk; refuses paths that leave the folder (``..``, symlinks)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{root}: no such folder" if not self.root.exists() else f"{root}: not a folder")
+        self.name = self.root.resolve().name
+        self.description = str(self.root)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        full = contract.resolve_inside(self.root, relpath)
+        try:
+            return full.read_bytes()
+        except FileNotFoundError:
+            raise DatasetError(f"{relpath}: missing from {self.root}") from None
+        except OSError as exc:
+            raise DatasetError(f"{relpath}: unreadable: {exc.strerror or exc}") from None
+
+
+def fetch_urllib(url: str, timeout: float = 30.0) -> bytes:
+    """GET a whole file with urllib (CPython)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        raise DatasetError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise DatasetError(f"{url}: cannot fetch: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{url}: cannot fetch: {exc}") from None
+
+
+def fetch_pyodide(url: str) -> bytes:
+    """GET a whole file inside a Pyodide web worker.
+
+    The same synchronous ``XMLHttpRequest`` as ``panel.io.pyodide.fetch_binary`` (which needs a
+    worker too), plus the HTTP status check it lacks: without it a 404 page would come back as data.
+    """
+    try:
+        from js import XMLHttpRequest  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - only reachable outside a browser
+        raise DatasetError(f"{url}: no XMLHttpRequest in this Python") from None
+    xhr = XMLHttpRequest.new()
+    try:
+        xhr.open("GET", url, False)
+        xhr.responseType = "arraybuffer"
+        xhr.send()
+    except Exception as exc:
+        raise DatasetError(f"{url}: cannot fetch: {exc}; URL datasets need the pyodide-worker build") from None
+    status = int(xhr.status)
+    if status == 0 and xhr.response is None:
+        raise DatasetError(f"{url}: cannot fetch (network error or blocked by CORS)")
+    if status != 0 and not 200 <= status < 300:
+        raise DatasetError(f"{url}: HTTP {status} {xhr.statusText}")
+    return bytes(xhr.response.to_py())
+
+
+class URLSource:
+    """Files under a base URL. Under CPython ``urllib``; under Pyodide (``sys.platform ==
+    "emscripten"``) a synchronous XHR, where a relative base resolves against the worker's URL."""
+
+    def __init__(self, base: str, fetch: Callable[[str], bytes] | None = None):
+        if not base:
+            raise DatasetError("empty dataset URL")
+        self.base = base if base.endswith("/") else base + "/"
+        self.fetch = fetch or (fetch_pyodide if in_pyodide() else fetch_urllib)
+        self.name = urlsplit(self.base).path.rstrip("/").rsplit("/", 1)[-1] or self.base
+        self.description = base
+
+    def url(self, relpath: str) -> str:
+        return urljoin(self.base, quote(contract.check_relative_path(relpath)))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.fetch(self.url(relpath))
+
+
+class BytesSource:
+    """Uploaded files ``{relative_path: bytes}``.
+
+    Paths may carry the run folder's name (``FileInput(directory=True)`` gives
+    ``run/metadata.json``) or not; the prefix is taken from the shallowest ``metadata.json``.
+    """
+
+    def __init__(self, files: Mapping[str, Any], name: str = "uploaded"):
+        norm = {str(k).replace("\\", "/").lstrip("/"): v for k, v in files.items()}
+        norm = {(k[2:] if k.startswith("./") else k): v for k, v in norm.items()}
+        metas = [k for k in norm if k == contract.METADATA_FILE or k.endswith("/" + contract.METADATA_FILE)]
+        if not metas:
+            raise DatasetError(f"the uploaded files hold no {contract.METADATA_FILE}; upload a run folder")
+        depth = min(k.count("/") for k in metas)
+        top = sorted(k for k in metas if k.count("/") == depth)
+        if len(top) > 1:
+            runs = ", ".join(k[: -len(contract.METADATA_FILE)] or "." for k in top)
+            raise DatasetError(f"the uploaded files hold several runs ({runs}); upload one run folder")
+        prefix = top[0][: -len(contract.METADATA_FILE)]
+        self.files = {k[len(prefix):]: v for k, v in norm.items() if k.startswith(prefix)}
+        self.name = prefix.rstrip("/").rsplit("/", 1)[-1] or name
+        self.description = f"uploaded files ({self.name})"
+
+    def read_bytes(self, relpath: str) -> bytes:
+        contract.check_relative_path(relpath)
+        try:
+            data = self.files[relpath]
+        except KeyError:
+            raise DatasetError(f"{relpath}: not among the uploaded files") from None
+        return bytes(data)
+
+
+def as_source(source: Any) -> Source:
+    """A :class:`Source` for a folder path, an http(s)/file or (under Pyodide) relative URL, a mapping, or a Source."""
+    if hasattr(source, "read_bytes") and not isinstance(source, (str, os.PathLike, Mapping)):
+        return source
+    if isinstance(source, Mapping):
+        return BytesSource(source)
+    if isinstance(source, os.PathLike):
+        return FolderSource(source)
+    if isinstance(source, str):
+        scheme = urlsplit(source).scheme.lower()
+        if scheme in ("http", "https", "file") or (in_pyodide() and len(scheme) != 1):
+            return URLSource(source)
+        return FolderSource(source)
+    raise DatasetError(f"cannot open a run from {type(source).__name__}")
+
+
+# ============================================================================ cache
+class LRUCache:
+    """Least-recently-used cache bounded by total ``nbytes`` (never exceeds ``max_bytes``)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str) -> Any:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: str, value: Any, nbytes: int) -> None:
+        if key in self._items:
+            self.bytes -= self._items.pop(key)[1]
+        if nbytes > self.max_bytes:
+            return  # larger than the whole cache: hand it out uncached
+        while self._items and self.bytes + nbytes > self.max_bytes:
+            _, (_, size) = self._items.popitem(last=False)
+            self.bytes -= size
+            self.evictions += 1
+        self._items[key] = (value, nbytes)
+        self.bytes += nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "items": len(self._items), "evictions": self.evictions}
+
+
+# ============================================================================ run
+def _parse_json(name: str, data: bytes) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{name}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:
+        raise DatasetError(f"{name}: not valid JSON ({exc})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+_REQUIRED = {"run": dict, "tokens": list, "timesteps": list, "layers": list, "files": dict, "attention": dict}
+
+
+class Run:
+    """One recorded run. See the module docstring."""
+
+    def __init__(self, source: Source, cache_mb: float = 256):
+        self.source = source
+        self.name = getattr(source, "name", "run")
+        self.cache = LRUCache(int(cache_mb * 2**20))
+        meta = _parse_json(contract.METADATA_FILE, source.read_bytes(contract.METADATA_FILE))
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{contract.METADATA_FILE}: not a JSON object")
+        contract.known_schema_version(meta)
+        for key, typ in _REQUIRED.items():
+            if not isinstance(meta.get(key), typ):
+                raise DatasetError(f"{contract.METADATA_FILE}: {key!r} is missing or not a {typ.__name__}")
+        for rel, entry in meta["files"].items():
+            contract.check_relative_path(rel)
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+                raise DatasetError(f"{contract.METADATA_FILE}: manifest entry {rel!r} has no byte count")
+        self.metadata: dict[str, Any] = meta
+        self.metrics: dict[str, Any] = self._json(contract.METRICS_FILE)
+        self.pca: dict[str, Any] = self._json(contract.PCA_FILE)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name!r}: {self.num_steps} steps, {self.num_layers} layers, {self.num_tokens} tokens>"
+
+    # ------------------------------------------------------------------ shape of the run
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.metadata["files"]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.metadata["timesteps"])
+
+    @property
+    def timesteps(self) -> list:
+        return list(self.metadata["timesteps"])
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self.metadata["layers"]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.layers]
+
+    @property
+    def tokens(self) -> list[str]:
+        return [tok["text"] for tok in self.metadata["tokens"]]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.metadata["tokens"])
+
+    @property
+    def has_cross(self) -> bool:
+        return bool(self.metadata["attention"].get("cross", {}).get("enabled"))
+
+    @property
+    def has_self(self) -> bool:
+        return bool(self.metadata["attention"].get("self", {}).get("enabled"))
+
+    def layer_index(self, name: str) -> int:
+        try:
+            return self.layer_names.index(name)
+        except ValueError:
+            raise DatasetError(f"layer {name!r} is not in this run") from None
+
+    # ------------------------------------------------------------------ reading
+    def _json(self, name: str) -> Any:
+        if name not in self.files:
+            raise DatasetError(f"{name}: not in the manifest")
+        return _parse_json(name, self.read_bytes(name))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """The raw bytes of a listed file, checked against the manifest's byte count (not cached)."""
+        entry = self.files.get(relpath)
+        if entry is None:
+            raise DatasetError(f"{relpath}: not in this run's manifest")
+        data = self.source.read_bytes(relpath)
+        if len(data) != entry["bytes"]:
+            raise DatasetError(f"{relpath}: {len(data)} bytes, the manifest says {entry['bytes']}")
+        return data
+
+    def _check_index(self, layer: int | None, step: int) -> None:
+        if not 0 <= int(step) < self.num_steps:
+            raise IndexError(f"step {step} is out of range 0..{self.num_steps - 1}")
+        if layer is not None and not 0 <= int(layer) < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range 0..{self.num_layers - 1}")
+
+    def _cached(self, key: str, load: Callable[[], Any]) -> Any:
+        value = self.cache.get(key)
+        if value is None:
+            value = load()
+            nbytes = sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes
+            self.cache.put(key, value, nbytes)
+        return value
+
+    def _map(self, relpath: str, kind: str) -> np.ndarray:
+        def load() -> np.ndarray:
+            entry = self.files.get(relpath)
+            if entry is None:
+                raise DatasetError(f"{relpath}: not in this run's manifest ({kind} attention not recorded?)")
+            shape = entry.get("shape")
+            if entry.get("dtype") != contract.BIN_DTYPE or not isinstance(shape, list):
+                raise DatasetError(f"{relpath}: manifest lacks dtype {contract.BIN_DTYPE!r} and a shape")
+            expected = contract.shape_bytes(shape)
+            data = self.source.read_bytes(relpath)
+            if len(data) != expected:
+                raise DatasetError(f"{relpath}: {len(data)} bytes, shape {shape} needs {expected}")
+            arr = np.frombuffer(data, contract.BIN_DTYPE).reshape(shape).astype(np.float32)
+            arr.flags.writeable = False
+            return arr
+
+        return self._cached(relpath, load)
+
+    def cross(self, layer: int, step: int) -> np.ndarray:
+        """Cross-attention map of the prompt's tokens, float32 ``[T, r, r]`` (read-only)."""
+        self._check_index(layer, step)
+        return self._map(contract.cross_path(layer, step), contract.KIND_CROSS)
+
+    def self_attention(self, layer: int, step: int) -> np.ndarray:
+        """Pooled self-attention map, float32 ``[s*s, s*s]`` (query grid x key grid, read-only)."""
+        self._check_index(layer, step)
+        return self._map(contract.self_path(layer, step), contract.KIND_SELF)
+
+    def image(self, step: int) -> np.ndarray:
+        """The decoded x̂0 preview of a step, uint8 ``[H, W, 3]`` (read-only)."""
+        self._check_index(None, step)
+        rel = contract.image_path(step)
+
+        def load() -> np.ndarray:
+            from PIL import Image
+
+            data = self.read_bytes(rel)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            except Exception as exc:
+                raise DatasetError(f"{rel}: does not decode as an image ({type(exc).__name__})") from None
+            arr.flags.writeable = False
+            return arr
+
+        return self._cached(rel, load)
+
+    def latents(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(latents [N+1, ...], noise [N, ...])`` as float32, or ``None`` if the run has no latents file."""
+        rel = contract.LATENTS_FILE
+        if rel not in self.files:
+            return None
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            data = self.read_bytes(rel)
+            try:
+                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                    out = tuple(npz[k].astype(np.float32) for k in ("latents", "noise"))
+            except Exception as exc:
+                raise DatasetError(f"{rel}: does not load ({exc})") from None
+            for a in out:
+                a.flags.writeable = False
+            return out
+
+        return self._cached(rel, load)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.cache.stats()
+
+
+def open_run(source: Any, cache_mb: float = 256) -> Run:
+    """Open a run from a folder path, an http(s)/file URL (relative URLs under Pyodide), a
+    ``{relative_path: bytes}`` mapping or a :class:`Source`. Reads the three JSON files now and
+    everything else on demand."""
+    return Run(as_source(source), cache_mb=cache_mb)
+
+
+def compatible(run_a: Run, run_b: Run) -> list[str]:
+    """What differs between two runs in ways that matter to a side-by-side comparison.
+
+    Empty when steps, tokens, layers (by name) with their stored shapes, latent shape and
+    preview size all match. Prompts, seeds and other run parameters are expected to differ and
+    are not listed.
+    """
+    out: list[str] = []
+    if run_a.num_steps != run_b.num_steps:
+        out.append(f"step count differs: {run_a.num_steps} vs {run_b.num_steps}")
+    elif run_a.timesteps != run_b.timesteps:
+        out.append("timesteps differ (different schedulers or settings)")
+    if run_a.num_tokens != run_b.num_tokens:
+        out.append(f"token count differs: {run_a.num_tokens} vs {run_b.num_tokens}")
+    for kind, flag in (("cross", "has_cross"), ("self", "has_self")):
+        if getattr(run_a, flag) != getattr(run_b, flag):
+            out.append(f"{kind} attention recorded in {'the first' if getattr(run_a, flag) else 'the second'} run only")
+    names_a, names_b = run_a.layer_names, run_b.layer_names
+    only_a = [n for n in names_a if n not in names_b]
+    only_b = [n for n in names_b if n not in names_a]
+    if only_a:
+        out.append(f"layers only in the first run: {', '.join(only_a)}")
+    if only_b:
+        out.append(f"layers only in the second run: {', '.join(only_b)}")
+    for name in names_a:
+        if name not in names_b:
+            continue
+        la, lb = run_a.layers[run_a.layer_index(name)], run_b.layers[run_b.layer_index(name)]
+        for key in ("cross_shape", "self_shape"):
+            sa, sb = la.get(key), lb.get(key)
+            if sa and sb and list(sa[-2:]) != list(sb[-2:]):
+                out.append(f"layer {name}: {key.split('_')[0]} maps stored at {sa[-2:]} vs {sb[-2:]}")
+    if list(run_a.metadata.get("latent_shape", [])) != list(run_b.metadata.get("latent_shape", [])):
+        out.append(f"latent shape differs: {run_a.metadata.get('latent_shape')} vs {run_b.metadata.get('latent_shape')}")
+    size_a = (run_a.metadata["run"].get("height"), run_a.metadata["run"].get("width"))
+    size_b = (run_b.metadata["run"].get("height"), run_b.metadata["run"].get("width"))
+    if size_a != size_b:
+        out.append(f"image size differs: {size_a[0]}x{size_a[1]} vs {size_b[0]}x{size_b[1]}")
+    return out
