@@ -37,7 +37,22 @@ demo: venv
 	$(VENV)/bin/diffviz validate $(DEMO_DIR) --strict
 	$(VENV)/bin/diffviz serve --port $(PORT) --dataset $(DEMO_DIR)
 
-test: venv chromium
+# For the self-hosted site test: the npm core of Pyodide (the version `panel convert` targets, pinned in
+# package.json) and the micropip wheel that the core lacks (the version its lock file names).
+PYODIDE_CORE := node_modules/pyodide/pyodide.js
+SELFHOST_WHEELS := node_modules/.diffviz-wheels
+
+$(PYODIDE_CORE): package.json
+	@command -v npm >/dev/null 2>&1 || { echo "installing Debian's npm"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm) >/dev/null; }
+	npm install --no-package-lock --no-audit --no-fund --silent
+	touch $@
+
+$(SELFHOST_WHEELS)/.done: $(PYODIDE_CORE) | $(VENV)/.installed
+	read -r spec pyver < <($(PY) -c 'import json; d = json.load(open("node_modules/pyodide/pyodide-lock.json")); print("micropip==" + d["packages"]["micropip"]["version"], ".".join(d["info"]["python"].split(".")[:2]))') && \
+	  $(PIP) download -q --no-deps --only-binary=:all: --python-version "$$pyver" -d $(SELFHOST_WHEELS) "$$spec"
+	touch $@
+
+test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv chromium
