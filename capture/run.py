@@ -1,0 +1,342 @@
+"""One generation: run the pipeline with the recorder and stream every step into a dataset folder.
+
+``generate(config)`` validates the settings, loads the model, plans the layers, projects the size,
+then runs the pipeline. Each step (in ``callback_on_step_end``) moves that step's maps to the CPU once,
+decodes the x̂0 preview and hands everything to ``export.writer.RunWriter``; nothing grows with the
+number of steps except a few numbers per layer and the (small) latents. At the end the metrics and
+the PCA trajectory are computed, metadata is written and the run is validated and renamed into place.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from analysis import metrics as metrics_mod
+from analysis import trajectory
+from capture import pipeline as pipeline_mod
+from capture.config import ConfigError, GenerateConfig
+from capture.progress import Cancelled, Progress
+from capture.recorder import AttentionRecorder, ShapeMismatchError, build_recorder, plan_layers
+from export import contract
+from export.writer import RunWriter
+
+NOISE_SOURCE = "scheduler_model_output"
+PREVIEW = "pred_original_sample"
+_RUN_LOCK = threading.Lock()  # one generation per process at a time: the pipelines are shared
+
+
+class SizeLimitError(RuntimeError):
+    """The run would be (or is) over ``--max-dataset-mb`` under ``--enforce-size-limit``."""
+
+
+class SizeWarning(UserWarning):
+    """The run is projected to be over ``--max-dataset-mb``."""
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def prompt_tokens(tokenizer, prompt: str) -> tuple[list[dict], list[str]]:
+    """The prompt's own tokens as the pipeline sees them (start, words, end; no padding), and its words."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    texts = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_ids)
+    tokens, words, pending = [], [], []
+
+    def close_word():
+        if pending:
+            words.append(tokenizer.decode([ids[i] for i in pending]).strip())
+            pending.clear()
+
+    for index, (token_id, text) in enumerate(zip(ids, texts)):
+        is_special = token_id in special
+        if is_special:
+            close_word()
+        tokens.append({"index": index, "id": int(token_id), "text": text,
+                       "word": None if is_special else len(words), "special": is_special})
+        if not is_special:
+            pending.append(index)
+            if text.endswith("</w>"):
+                close_word()
+    close_word()
+    return tokens, words
+
+
+# --------------------------------------------------------------------------- taps on the pipeline
+
+
+class _SchedulerTap:
+    """Wraps ``scheduler.step`` (on the instance) to see x_t, the noise it was given and x̂0."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.first_sample = None     # x_T
+        self.noise = None            # the model_output of the last step (guided ε)
+        self.x0 = None               # pred_original_sample of the last step
+        self._step = scheduler.step
+
+    def __enter__(self):
+        original = self._step
+
+        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+            if self.first_sample is None:
+                self.first_sample = sample
+            self.noise = model_output
+            self.x0 = getattr(out, "pred_original_sample", None)
+            return out if return_dict else out.to_tuple()
+
+        self.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.scheduler.__dict__.pop("step", None)
+
+
+# --------------------------------------------------------------------------- the per-step work
+
+
+class _PendingStep:
+    """One step's outputs on their way to the CPU (asynchronous on a GPU; see ``_StepWriter``)."""
+
+    def __init__(self, step: int, timestep: int, maps, host: dict[str, torch.Tensor]):
+        self.step, self.timestep, self.maps, self.host = step, timestep, maps, host
+        self.event = None
+        if any(t.is_pinned() for t in host.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return {k: v.numpy() if v.dtype == torch.uint8 else v.float().numpy() for k, v in self.host.items()}
+
+
+class _StepWriter:
+    """The pipeline's ``callback_on_step_end``: at each step, start copying that step's maps, latents,
+    noise and x̂0 preview to the CPU (asynchronously on a GPU), then measure and write the *previous*
+    step, whose copies are done by now. The host never waits for the device mid-run; :meth:`flush`
+    writes the last step."""
+
+    def __init__(self, pipe, recorder: AttentionRecorder, tap: _SchedulerTap, writer: RunWriter, *,
+                 num_tokens: int, total: int, emit: Callable[[Progress], None], cancel):
+        self.pipe, self.recorder, self.tap, self.writer = pipe, recorder, tap, writer
+        self.num_tokens, self.total, self.emit, self.cancel = num_tokens, total, emit, cancel
+        self.latents: list[np.ndarray] = []           # x_T, then the latents after each step
+        self.noise: list[np.ndarray] = []
+        self.timesteps: list[int] = []
+        self.entropy: list[list[float]] = []          # [N][L]
+        self.token_dists: list[list[np.ndarray]] = []  # [N][L][K]
+        self._waiting: _PendingStep | None = None
+
+    def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("generation cancelled; nothing was written")
+        tensors = {"latents": kwargs["latents"][-1], "noise": self.tap.noise[-1], "image": self._preview()}
+        if step == 0:
+            tensors["first"] = self.tap.first_sample[-1]
+        pending = _PendingStep(step, int(timestep), self.recorder.start_copy(),
+                               {k: _to_host(v) for k, v in tensors.items()})
+        self.flush()
+        self._waiting = pending
+        return {}
+
+    def flush(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return
+        arrays = waiting.arrays()
+        maps = waiting.maps.result()
+        if "first" in arrays:
+            self.latents.append(arrays["first"])
+        self.latents.append(arrays["latents"])
+        self.noise.append(arrays["noise"])
+        self.timesteps.append(waiting.timestep)
+        layers = sorted(maps.cross)
+        self.entropy.append([metrics_mod.attention_entropy(maps.cross[i]) for i in layers])
+        self.token_dists.append([metrics_mod.token_distribution(maps.cross[i]) for i in layers])
+        self.writer.write_step(
+            waiting.step, image=arrays["image"],
+            cross={layer: full[: self.num_tokens] for layer, full in maps.cross.items()},
+            self_=maps.self_)
+        self.emit(Progress("denoising", waiting.step + 1, self.total, f"t={waiting.timestep}"))
+
+    def _preview(self) -> torch.Tensor:
+        """x̂0 decoded by the VAE, as uint8 [H, W, 3] still on the device."""
+        x0 = self.tap.x0
+        if x0 is None:
+            raise RuntimeError(f"{type(self.pipe.scheduler).__name__}.step gives no pred_original_sample")
+        vae = self.pipe.vae
+        image = vae.decode(x0[-1:].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = self.pipe.image_processor.postprocess(image, output_type="pt")[0]  # [3, H, W] in [0, 1]
+        return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)  # as diffusers' numpy_to_pil rounds
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy: pinned and asynchronous from a GPU, a plain copy on the CPU."""
+    return t.detach().to("cpu", non_blocking=t.is_cuda, copy=True)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | None = None,
+             cancel: threading.Event | None = None, pipeline=None) -> Path:
+    """Record one run into ``config.output_dir`` and return its path.
+
+    Raises ConfigError / LayerSelectionError / ShapeMismatchError / SizeLimitError / ModelLoadError
+    before anything is written; Cancelled if ``cancel`` is set during denoising (nothing is left behind);
+    export's DatasetError if the new run fails validation or the real size breaks an enforced limit.
+    Warnings (ShapeWarning, SizeWarning) go through :mod:`warnings`.
+    """
+    emit = progress or (lambda event: None)
+    config = _normalised(config).validate()
+    config.check_paths()
+    checked = False
+    if pipeline is None:  # check everything that needs no weights before loading them
+        pipeline_mod.resolve_device(config.device)
+        peek = pipeline_mod.peek_model(config.model)
+        if peek is not None:
+            _check_plan(config, *peek)
+            checked = True
+    emit(Progress("loading model", 0, 1, config.model or pipeline_mod.DEFAULT_MODEL_ID))
+    pipe = pipeline if pipeline is not None else pipeline_mod.load_pipeline(config.model, config.device, config.dtype)
+    emit(Progress("loading model", 1, 1))
+    if not checked:
+        _check_plan(config, pipe.unet, int(pipe.vae_scale_factor), pipe.tokenizer)
+    with _RUN_LOCK:
+        return _generate(config, pipe, emit, cancel)
+
+
+def _check_plan(config: GenerateConfig, unet, vae_scale_factor: int, tokenizer) -> None:
+    """Layer patterns, pooling fit and projected size, from the UNet's structure and the tokenizer alone.
+
+    Raises LayerSelectionError, ShapeMismatchError (uneven pooling under --fail-on-shape-error) or
+    SizeLimitError (under --enforce-size-limit); warns SizeWarning when only over budget.
+    """
+    side = int(unet.config.sample_size) * vae_scale_factor
+    height, width = config.height or side, config.width or side
+    latent_shape = [int(unet.config.in_channels), height // vae_scale_factor, width // vae_scale_factor]
+    plans, problems = plan_layers(
+        unet, tuple(latent_shape[1:]), patterns=config.layers, max_layers=config.max_layers,
+        cross=config.include_cross_attention, self_=config.include_self_attention,
+        resolution=config.attention_resolution, self_resolution=config.self_attention_resolution)
+    if problems and config.fail_on_shape_error:
+        raise ShapeMismatchError("; ".join(problems))
+    num_tokens = len(prompt_tokens(tokenizer, config.prompt)[0])
+    projected = contract.projected_bytes(
+        config.num_steps, [plan.to_metadata(num_tokens) for plan in plans], image_size=(height, width),
+        latent_shape=latent_shape, save_latents_noise=config.save_latents_noise)
+    if projected > config.max_dataset_mb * 1e6:
+        message = (f"the run is projected at {projected / 1e6:.1f} MB, over --max-dataset-mb "
+                   f"{config.max_dataset_mb:g}; lower --num-steps, --max-layers or the resolutions")
+        if config.enforce_size_limit:
+            raise SizeLimitError(message)
+        warnings.warn(message, SizeWarning, stacklevel=3)
+
+
+def _normalised(config: GenerateConfig) -> GenerateConfig:
+    if (config.height is None) != (config.width is None):
+        side = config.height or config.width
+        config = GenerateConfig(**{**config.to_dict(), "height": side, "width": side, "layers": config.layers})
+    if config.height is not None and config.height != config.width:
+        raise ConfigError("width", f"must equal --height ({config.height}): dataset schema "
+                                   f"{contract.SCHEMA_VERSION} stores square attention grids")
+    return config
+
+
+def _generate(config: GenerateConfig, pipe, emit, cancel) -> Path:
+    native_h, native_w = pipeline_mod.native_size(pipe)
+    height, width = config.height or native_h, config.width or native_w
+    recorder = build_recorder(
+        pipe, layers=config.layers, max_layers=config.max_layers, cross=config.include_cross_attention,
+        self_=config.include_self_attention, resolution=config.attention_resolution,
+        self_resolution=config.self_attention_resolution, height=height, width=width,
+        fail_on_shape_error=config.fail_on_shape_error)
+    tokens, words = prompt_tokens(pipe.tokenizer, config.prompt)
+    vsf = int(pipe.vae_scale_factor)
+    latent_shape = [int(pipe.unet.config.in_channels), height // vsf, width // vsf]
+    limit = int(config.max_dataset_mb * 1e6)
+
+    device = next(pipe.unet.parameters()).device
+    writer = RunWriter(config.output_dir, overwrite=config.overwrite_output)
+    with writer, torch.no_grad(), _SchedulerTap(pipe.scheduler) as tap:
+        step_writer = _StepWriter(pipe, recorder, tap, writer, num_tokens=len(tokens), total=config.num_steps,
+                                  emit=emit, cancel=cancel)
+        emit(Progress("denoising", 0, config.num_steps))
+        recorder.install()
+        try:
+            pipe(config.prompt, negative_prompt=config.negative_prompt or None, guidance_scale=config.cfg_scale,
+                 num_inference_steps=config.num_steps, height=height, width=width,
+                 generator=torch.Generator("cpu").manual_seed(config.seed), output_type="latent",
+                 callback_on_step_end=step_writer)
+            step_writer.flush()
+        finally:
+            recorder.remove()
+        if len(step_writer.timesteps) != config.num_steps:
+            raise RuntimeError(f"the pipeline ran {len(step_writer.timesteps)} steps, not {config.num_steps}")
+
+        emit(Progress("analysis", 0, 1))
+        latents = np.stack(step_writer.latents)
+        cross_on = bool(recorder.layers) and config.include_cross_attention
+        metrics = metrics_mod.metrics_record(
+            latents,
+            entropy=np.asarray(step_writer.entropy).T if cross_on else None,
+            token_dists=np.asarray(step_writer.token_dists).transpose(1, 0, 2) if cross_on else None,
+            num_tokens=len(tokens))
+        pca = trajectory.latent_pca_record(latents[1:])
+        emit(Progress("analysis", 1, 1))
+
+        emit(Progress("writing", 0, 1))
+        metadata = _metadata(config, pipe, recorder, tokens, words, step_writer.timesteps, latent_shape,
+                             height, width, str(device))
+        emit(Progress("writing", 1, 1))
+        emit(Progress("validating", 0, 1, "writing the JSON files, checking every file, renaming into place"))
+        path = writer.finish(
+            metadata, metrics, pca,
+            latents=latents if config.save_latents_noise else None,
+            noise=np.stack(step_writer.noise) if config.save_latents_noise else None,
+            max_bytes=limit if config.enforce_size_limit else None)
+        emit(Progress("validating", 1, 1))
+    if writer.final_bytes is not None and writer.final_bytes > limit and not config.enforce_size_limit:
+        warnings.warn(f"the run is {writer.final_bytes / 1e6:.1f} MB, over --max-dataset-mb "
+                      f"{config.max_dataset_mb:g}", SizeWarning, stacklevel=2)
+    emit(Progress("done", 1, 1, f"wrote {path} ({(writer.final_bytes or 0) / 1e6:.2f} MB)"))
+    return Path(path)
+
+
+def _metadata(config: GenerateConfig, pipe, recorder: AttentionRecorder, tokens, words, timesteps,
+              latent_shape, height, width, device) -> dict[str, Any]:
+    context = recorder.context_length
+    cross_on = config.include_cross_attention and bool(recorder.layers)
+    self_on = config.include_self_attention and bool(recorder.layers)
+    return {
+        "run": {
+            "prompt": config.prompt, "negative_prompt": config.negative_prompt, "cfg_scale": config.cfg_scale,
+            "num_steps": config.num_steps, "seed": config.seed, "height": height, "width": width,
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "device": device,
+            "scheduler": type(pipe.scheduler).__name__, "model": pipeline_mod.model_info(config.model),
+            "layer_patterns": list(config.layers), "max_layers": config.max_layers,
+        },
+        "tokens": tokens,
+        "words": words,
+        "context_length": context,
+        "timesteps": list(timesteps),
+        "latent_shape": latent_shape,
+        "noise_source": NOISE_SOURCE,
+        "preview": PREVIEW,
+        "attention": {
+            "cfg_half": "conditional" if pipe.do_classifier_free_guidance else "all (no CFG batch)",
+            "heads": "mean",
+            "cross": {"enabled": cross_on, "resolution": config.attention_resolution, "tokens": "prompt",
+                      "full_distribution": len(tokens) == context, "sum_rule": contract.CROSS_SUM_RULE},
+            "self": {"enabled": self_on, "resolution": config.self_attention_resolution,
+                     "sum_rule": contract.SELF_SUM_RULE},
+        },
+        "layers": recorder.layer_metadata_for(len(tokens)),
+    }

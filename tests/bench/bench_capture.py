@@ -1,0 +1,204 @@
+"""Benchmark: the plain pipeline against the same pipeline with attention recording, in one process.
+
+    python tests/bench/bench_capture.py                 # default model, CPU, quick-start settings
+    python tests/bench/bench_capture.py --sd15          # full-size SD-1.5 UNet (random weights), 512², fp16, CUDA
+    python tests/bench/bench_capture.py --sd15 --tiny-check   # the same code path, shrunk to run on a CPU
+
+Quick-start settings: 30 steps, cross maps at 32, self maps at 16, 12 layers (every layer the model has
+when it has fewer). "recorded" runs the pipeline inside ``record_attention`` with the maps moved to the
+CPU once per step (``callback_on_step_end``); previews, metrics and writing are not part of either side.
+Runs alternate (plain, recorded, ...) after one warm-up each; the medians and their ratio are printed.
+Targets: <= 1.3x on CPU (default model), <= 1.10x on a GPU (SD-1.5, 12 layers).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from capture import pipeline as pipeline_mod  # noqa: E402
+from capture.recorder import record_attention  # noqa: E402
+
+PROMPT = "a red circle on the left and a blue square"
+
+
+def sd15_pipeline(device: str, dtype: torch.dtype, tiny: bool):
+    """SD-1.5's architecture from its published config, random weights, no download (tiny: shrunk widths)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from capture.toyworld.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77
+    widths = (32, 32, 64, 64) if tiny else (320, 640, 1280, 1280)
+    text_dim = 32 if tiny else 768
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=widths,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=32 if not tiny else 16,
+            act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+            norm_eps=1e-5, center_input_sample=False)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=4 * text_dim,
+            num_hidden_layers=2 if tiny else 12, num_attention_heads=4 if tiny else 12, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 16, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=2,
+            norm_num_groups=16 if tiny else 32)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(pipe, *, steps: int, size: int, record: dict | None, device: str, collect: bool = True,
+          output_type: str = "pil"):
+    """(wall seconds, this process's CPU seconds, output) for one image. ``collect=False`` computes the maps
+    on the device but never copies them (a diagnostic that separates compute from the per-step copy)."""
+    kwargs = dict(num_inference_steps=steps, height=size, width=size, guidance_scale=7.5,
+                  generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, cpu = time.perf_counter(), time.process_time()
+    if record is None:
+        out = pipe(PROMPT, **kwargs).images
+    else:
+        with record_attention(pipe, height=size, width=size, **record) as rec:
+            callback = rec.callback_on_step_end if collect else (lambda *a: {})
+            out = pipe(PROMPT, callback_on_step_end=callback, **kwargs).images
+        assert not collect or (len(rec.steps) == steps and len(rec.steps[-1].cross) == len(rec.layers))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sd15", action="store_true", help="full-size SD-1.5 UNet, random weights (needs CUDA)")
+    p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
+    p.add_argument("--device", default=None, help="default: cpu, or cuda with --sd15 (cpu with --tiny-check)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; 2 with --tiny-check)")
+    p.add_argument("--steps", type=int, default=None, help="default 30 (2 with --tiny-check)")
+    p.add_argument("--max-layers", type=int, default=12)
+    p.add_argument("--with-generate", action="store_true", help="also time one full generate() (previews, metrics, writing)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time recording without the per-step copy, and check that outputs are identical")
+    p.add_argument("--profile", action="store_true", help="profile one plain and one recorded image (torch.profiler)")
+    args = p.parse_args(argv)
+
+    tiny = args.sd15 and args.tiny_check
+    device = args.device or ("cuda" if args.sd15 and not tiny else "cpu")
+    steps = args.steps or (2 if tiny else 30)
+    repeats = args.repeats or (2 if tiny else 5)
+    record = dict(max_layers=args.max_layers, resolution=32, self_resolution=16)
+    if args.sd15:
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        pipe = sd15_pipeline(device, dtype, tiny)
+        size = 128 if tiny else 512
+        label = f"SD-1.5 UNet{' (tiny check)' if tiny else ''}, random weights, {size}², {str(dtype)[6:]}, {device}"
+    else:
+        pipe = pipeline_mod.load_pipeline(None, device)
+        size = pipeline_mod.native_size(pipe)[0]
+        label = f"default model, {size}², {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
+    with record_attention(pipe, height=size, width=size, **record) as rec:
+        layers = [plan.name for plan in rec.layers]
+    print(f"{label}: {steps} steps, {len(layers)} recorded layers, cross 32, self 16, median of {repeats}")
+
+    timed(pipe, steps=steps, size=size, record=None, device=device)  # warm-up both paths
+    timed(pipe, steps=steps, size=size, record=record, device=device)
+    plain, recorded, nocopy = [], [], []
+    for _ in range(repeats):
+        plain.append(timed(pipe, steps=steps, size=size, record=None, device=device)[:2])
+        recorded.append(timed(pipe, steps=steps, size=size, record=record, device=device)[:2])
+        if args.diagnose:
+            nocopy.append(timed(pipe, steps=steps, size=size, record=record, device=device, collect=False)[:2])
+    mp, mr = (statistics.median(t for t, _ in runs) for runs in (plain, recorded))
+    cp, cr = (statistics.median(c for _, c in runs) for runs in (plain, recorded))
+    print(f"plain pipeline   : {mp:.3f} s/image  ({', '.join(f'{t:.3f}' for t, _ in plain)})")
+    print(f"with recording   : {mr:.3f} s/image  ({', '.join(f'{t:.3f}' for t, _ in recorded)})")
+    if nocopy:
+        mn = statistics.median(t for t, _ in nocopy)
+        print(f"maps not copied  : {mn:.3f} s/image  (diagnostic: recording compute only, ratio {mn / mp:.3f}x)")
+    target = 1.10 if device == "cuda" else 1.3
+    print(f"ratio            : {mr / mp:.3f}x  (target <= {target}x)")
+    if device == "cpu":  # CPU time is steadier than wall time on a shared machine
+        print(f"cpu-time ratio   : {cr / cp:.3f}x  ({cp:.3f} s vs {cr:.3f} s of process CPU time per image)")
+
+    if args.diagnose:  # recording must not change the output (on a GPU too)
+        a = timed(pipe, steps=steps, size=size, record=None, device=device, output_type="latent")[2]
+        b = timed(pipe, steps=steps, size=size, record=None, device=device, output_type="latent")[2]
+        c = timed(pipe, steps=steps, size=size, record=record, device=device, output_type="latent")[2]
+        print(f"final latents: plain == plain {torch.equal(a, b)}, plain == recorded {torch.equal(a, c)}, "
+              f"max |diff| {(a.float() - c.float()).abs().max().item():.3g}, finite {bool(torch.isfinite(c).all())}")
+
+    if args.diagnose and device == "cuda":  # which fused SDPA kernels take a pooling matrix as the value
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q = torch.randn(1, 8, 4096, 40, device=device, dtype=torch.float16)
+        for cells in (256, 64):
+            v = torch.rand(1, 8, 4096, cells, device=device, dtype=torch.float16)
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                            SDPBackend.MATH):
+                try:
+                    with sdpa_kernel([backend]):
+                        torch.nn.functional.scaled_dot_product_attention(q, q, v)
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for _ in range(20):
+                            torch.nn.functional.scaled_dot_product_attention(q, q, v)
+                        torch.cuda.synchronize()
+                    print(f"sdpa 64x64 self map -> {cells} cells, {backend.name}: {(time.perf_counter() - t0) / 20 * 1e3:.3f} ms")
+                except RuntimeError as exc:
+                    print(f"sdpa 64x64 self map -> {cells} cells, {backend.name}: unavailable ({str(exc).splitlines()[0][:80]})")
+
+    if args.profile:  # where the extra host time goes: launches and the busiest ops, plain vs recorded
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        for name, rec in (("plain", None), ("recorded", record)):
+            with profile(activities=activities) as prof:
+                timed(pipe, steps=steps, size=size, record=rec, device=device)
+            events = prof.key_averages()
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+            syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
+            print(f"profile {name}: {launches / steps:.0f} kernel launches/step, {syncs} syncs+copies")
+            print(events.table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
+                               row_limit=14, max_name_column_width=40))
+
+    if args.with_generate:  # the whole capture: previews, metrics, streaming to disk, strict validation
+        from capture.config import GenerateConfig
+        from capture.run import generate
+        from export.contract import dataset_bytes
+        from export.validate import validate_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            config = GenerateConfig(prompt=PROMPT, num_steps=steps, max_layers=args.max_layers, device=device,
+                                    height=size, width=size, output_dir=str(Path(tmp) / "run"), max_dataset_mb=1000)
+            start = time.perf_counter()
+            path = generate(config, pipeline=pipe)
+            took = time.perf_counter() - start
+            problems = validate_run(path, strict=True)
+            print(f"full generate()  : {took:.3f} s for {steps} steps ({took / mp:.2f}x the plain pipeline), "
+                  f"{dataset_bytes(path) / 1e6:.1f} MB, strict validation: {problems or 'ok'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""``diffviz generate`` bad input: one line on stderr, exit 2, the filesystem exactly as it was."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capture import cli
+from tests.synthetic import write_synthetic_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` with its type, size, mtime and content hash."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working folder holding an existing valid run, a plain file and nothing else."""
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_run(tmp_path / "old_run")
+    (tmp_path / "a_file").write_text("not a folder\n")
+    return tmp_path
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+GOOD = ["--prompt", "a red circle", "--num-steps", "2"]
+
+
+def _cuda_available() -> bool:
+    torch = pytest.importorskip("torch")
+    return torch.cuda.is_available()
+
+
+CASES = {
+    "empty prompt": (["--prompt", "", "--output-dir", "new"], "--prompt: must not be empty"),
+    "blank prompt": (["--prompt", "   ", "--output-dir", "new"], "--prompt: must not be empty"),
+    "missing prompt": (["--num-steps", "2", "--output-dir", "new"], "--prompt"),
+    "zero steps": (["--prompt", "a", "--num-steps", "0", "--output-dir", "new"], "--num-steps"),
+    "negative steps": (["--prompt", "a", "--num-steps", "-4", "--output-dir", "new"], "--num-steps"),
+    "non-int steps": (["--prompt", "a", "--num-steps", "four", "--output-dir", "new"], "--num-steps"),
+    "zero resolution": (GOOD + ["--attention-resolution", "0", "--output-dir", "new"], "--attention-resolution"),
+    "float resolution": (GOOD + ["--attention-resolution", "1.5", "--output-dir", "new"], "--attention-resolution"),
+    "negative self resolution": (GOOD + ["--self-attention-resolution", "-16", "--output-dir", "new"],
+                                 "--self-attention-resolution"),
+    "text self resolution": (GOOD + ["--self-attention-resolution", "big", "--output-dir", "new"],
+                             "--self-attention-resolution"),
+    "unknown layer glob": (GOOD + ["--layers", "up_blocks.*,nonsense*", "--output-dir", "new"],
+                           "'nonsense*' matches no layer; valid layers: down_blocks.0.attentions.0.transformer_blocks.0"),
+    "missing model path": (GOOD + ["--model", "./no/such/model", "--output-dir", "new"], "does not exist"),
+    "model path is a file": (GOOD + ["--model", "a_file", "--output-dir", "new"], "--model"),
+    "model folder is no pipeline": (GOOD + ["--model", "old_run", "--output-dir", "new"],
+                                    "is not a Stable Diffusion pipeline folder"),
+    "uneven pooling, fail on shape error": (GOOD + ["--attention-resolution", "12", "--fail-on-shape-error",
+                                                    "--output-dir", "new"], "does not divide into 12x12"),
+    "output is a file": (GOOD + ["--output-dir", "a_file"], "--output-dir: a_file exists and is not a folder"),
+    "output exists, no overwrite": (GOOD + ["--output-dir", "old_run"], "pass --overwrite-output"),
+    "unknown device": (GOOD + ["--device", "tpu", "--output-dir", "new"], "--device"),
+    "odd height": (GOOD + ["--height", "30", "--output-dir", "new"], "--height"),
+    "size limit enforced": (GOOD + ["--max-dataset-mb", "0.001", "--enforce-size-limit", "--output-dir", "new"],
+                            "over --max-dataset-mb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, workdir, capsys):
+    argv, expected = CASES[case]
+    before = snapshot(workdir)
+    code, out, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("diffviz generate: error:") and expected in lines[0], lines[0]
+    assert "Traceback" not in err and out == ""
+    assert snapshot(workdir) == before
+
+
+def test_cuda_without_cuda(workdir, capsys):
+    if _cuda_available():
+        pytest.skip("this machine has CUDA, so --device cuda is valid here")
+    before = snapshot(workdir)
+    code, out, err = run_cli(GOOD + ["--device", "cuda", "--output-dir", "new"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device: cuda was asked for" in err
+    assert snapshot(workdir) == before
+
+
+def test_help_exits_zero(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "--attention-resolution" in capsys.readouterr().out
+
+
+def test_subprocess_one_line_no_noise(workdir):
+    """Through the real ``diffviz`` command: the unknown glob is reported after torch/diffusers import,
+    with nothing else on stderr (no import notices, no progress bars, no traceback)."""
+    before = snapshot(workdir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "diffviz", "generate", *GOOD, "--layers", "bogus", "--output-dir", "new"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'bogus' matches no layer" in proc.stderr, proc.stderr
+    assert snapshot(workdir) == before
