@@ -523,25 +523,13 @@ class Bridge:
 
 
 def _precheck(config: Any) -> Any:
-    """What ``run.generate`` checks before it loads any weights, so that a bad request gets its 400 at once:
-    square size, every ``GenerateConfig`` rule, the device, the layer patterns, the pooling fit and (under
-    ``enforce_size_limit``) the projected size. Returns the normalised config.
+    """``run.check``: what generate checks before loading weights, so a bad request gets its 400 at once.
 
-    Uses ``run._normalised`` and ``run._check_plan`` (generate's own pre-load steps), so the rules stay in
-    one place. Without an enforced limit the size is not projected here: its warning belongs to the job.
+    Without an enforced limit the size is not warned about here: its warning belongs to the job.
     """
-    import dataclasses
-
-    from capture import pipeline as pipeline_mod
     from capture import run
 
-    config = run._normalised(config).validate()
-    pipeline_mod.resolve_device(config.device)
-    peek = pipeline_mod.peek_model(config.model)
-    if peek is not None:
-        probe = config if config.enforce_size_limit else dataclasses.replace(config, max_dataset_mb=float("inf"))
-        run._check_plan(probe, *peek)
-    return config
+    return run.check(config, size_warning=False)[0]
 
 
 def _valid(folder: Path) -> bool | None:

@@ -195,15 +195,11 @@ def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | N
     Warnings (ShapeWarning, SizeWarning) go through :mod:`warnings`.
     """
     emit = progress or (lambda event: None)
-    config = _normalised(config).validate()
-    config.check_paths()
-    checked = False
     if pipeline is None:  # check everything that needs no weights before loading them
-        pipeline_mod.resolve_device(config.device)
-        peek = pipeline_mod.peek_model(config.model)
-        if peek is not None:
-            _check_plan(config, *peek)
-            checked = True
+        config, checked = check(config)
+    else:
+        config, checked = _normalised(config).validate(), False
+    config.check_paths()
     emit(Progress("loading model", 0, 1, config.model or pipeline_mod.DEFAULT_MODEL_ID))
     pipe = pipeline if pipeline is not None else pipeline_mod.load_pipeline(config.model, config.device, config.dtype)
     emit(Progress("loading model", 1, 1))
@@ -213,7 +209,23 @@ def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | N
         return _generate(config, pipe, emit, cancel)
 
 
-def _check_plan(config: GenerateConfig, unet, vae_scale_factor: int, tokenizer) -> None:
+def check(config: GenerateConfig, *, size_warning: bool = True) -> tuple[GenerateConfig, bool]:
+    """What :func:`generate` checks before it loads any weights, so callers (the CLI, the bridge) fail fast.
+
+    Square size, every ``GenerateConfig`` rule, the device, and — where the model's configs can be read
+    without its weights — the layer patterns, the pooling fit and the projected size. Returns the
+    normalised config and whether the model-dependent checks ran. ``size_warning=False`` keeps an
+    over-budget projection silent (an enforced limit still raises).
+    """
+    config = _normalised(config).validate()
+    pipeline_mod.resolve_device(config.device)
+    peek = pipeline_mod.peek_model(config.model)
+    if peek is not None:
+        _check_plan(config, *peek, size_warning=size_warning)
+    return config, peek is not None
+
+
+def _check_plan(config: GenerateConfig, unet, vae_scale_factor: int, tokenizer, *, size_warning: bool = True) -> None:
     """Layer patterns, pooling fit and projected size, from the UNet's structure and the tokenizer alone.
 
     Raises LayerSelectionError, ShapeMismatchError (uneven pooling under --fail-on-shape-error) or
@@ -237,7 +249,8 @@ def _check_plan(config: GenerateConfig, unet, vae_scale_factor: int, tokenizer) 
                    f"{config.max_dataset_mb:g}; lower --num-steps, --max-layers or the resolutions")
         if config.enforce_size_limit:
             raise SizeLimitError(message)
-        warnings.warn(message, SizeWarning, stacklevel=3)
+        if size_warning:
+            warnings.warn(message, SizeWarning, stacklevel=3)
 
 
 def _normalised(config: GenerateConfig) -> GenerateConfig:
