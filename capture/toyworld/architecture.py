@@ -28,18 +28,21 @@ DEFAULT_WORDS: tuple[str, ...] = (
 def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is exactly ``words`` (one token per word).
 
-    CLIP's BPE starts from characters with ``</w>`` on the last one; the merges
-    rebuild each word left to right, so every grammar word is a single token.
+    CLIP's BPE starts from characters with ``</w>`` on the last one; the merges rebuild
+    each word left to right. BPE applies merges by rank, not left to right, so a pair
+    learnt for one word can cut into another ("to" of *top* splits *bottom* into
+    "bot" + "to" + "m"): any word that does not come out whole gets a repair merge of
+    its first two pieces, until every word is a single token.
     """
     symbols: list[str] = []
     merges: list[tuple[str, str]] = []
+    seen: set[str] = set()
 
     def add(symbol: str) -> None:
         if symbol not in seen:
             seen.add(symbol)
             symbols.append(symbol)
 
-    seen: set[str] = set()
     for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         for piece in pieces:
@@ -50,19 +53,32 @@ def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> CLIPTokenizer:
                 merges.append((acc, piece))
             acc = acc + piece
             add(acc)
-    for special in (BOS, EOS):
-        add(special)
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    for _ in range(10 * len(words)):
+        tokenizer = _clip_tokenizer(symbols, merges)
+        broken = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+        if not broken:
+            return tokenizer
+        first, second = tokenizer.tokenize(broken[0])[:2]
+        merges.append((first, second))
+        add(first + second)
+    raise RuntimeError(f"could not build a one-token-per-word tokenizer for {broken}")
+
+
+def _clip_tokenizer(symbols: list[str], merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    vocab = {symbol: i for i, symbol in enumerate(symbols + [BOS, EOS])}
     # transformers 5: the tokenizers-backed CLIPTokenizer takes the vocab dict and merges as tuples.
-    tokenizer = CLIPTokenizer(
-        vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+    return CLIPTokenizer(
+        vocab=vocab, merges=list(merges), bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
         model_max_length=CONTEXT_LENGTH,
     )
-    return tokenizer
 
 
 def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int = 0, seed: int = 0) -> StableDiffusionPipeline:
-    """A randomly initialised toy pipeline (32×32 RGB, 16×16×4 latents)."""
+    """A randomly initialised toy pipeline (32×32 RGB, 16×16×4 latents).
+
+    The shipped model uses ``text_layers=1`` (one causal CLIP layer, trained jointly with the
+    UNet and a grounding loss; see ``train``); its folder records this in ``text_encoder/config.json``.
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
     text_encoder = CLIPTextModel(CLIPTextConfig(

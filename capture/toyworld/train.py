@@ -1,0 +1,523 @@
+"""Train the toy-world model: ``diffviz train-toyworld``.
+
+Two stages, one script, the same code path on CPU and GPU:
+
+1. **VAE** (``--vae-steps``): the tiny ``AutoencoderKL`` of ``architecture`` learns to
+   reconstruct world images (MSE + a small KL). Its latent scale is then measured and
+   written into the config (``scaling_factor = 1 / std``), as Stable Diffusion does.
+2. **UNet + text encoder**, jointly, on the frozen VAE's latents: epsilon prediction with
+   min-SNR-5 weighting, 10 % empty captions (for classifier-free guidance), EMA weights,
+   and — with ``--ground-weight`` > 0 — a *grounding loss* on the cross-attention maps:
+   every content word (colour, shape, size, side) of a caption should put its attention
+   mass on its own object's mask, ``(1 - mass_inside / mass)^2`` per word and layer
+   (TokenCompose's token loss, Wang et al. 2024). The maps it trains are the maps the
+   model uses, computed by ``probe.ProbeProcessor`` (equal to ``AttnProcessor2_0``).
+
+Scenes are drawn fresh every step from ``world`` (batch k comes from seed (seed, k), so the
+data stream does not depend on the number of loader workers). ``--time-budget`` picks
+the step count from the measured speed of steps inside the LR warm-up (whose learning
+rates do not depend on the total) and logs it; ``--steps N`` repeats that run, on any
+device, without the timing. The defaults are the shipped model's recipe: one causal text
+layer, grounding weight 0.1, batch 512, lr 6e-4, 1086 UNet steps (about 4 minutes on a
+shared H200; about 7 hours on a 2-core CPU, estimated from per-step CPU time — same code
+path, float32 instead of bf16 autocast).
+
+The result is a complete ``StableDiffusionPipeline`` folder (fp16 safetensors) saved with
+``save_pretrained``; ``training.json`` beside ``model_index.json`` records how it was made.
+A single-file checkpoint (``--checkpoint``) holds all weights plus that record, and
+``--from-checkpoint`` turns one into a pipeline folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from . import world
+
+DEFAULT_OUT = "toyworld-model"
+#: UNet steps of the shipped model (chosen by --time-budget on the GPU); the other defaults are its recipe too.
+SHIPPED_STEPS = 1086
+ROLE_COUNT = len(world.ROLE_NAMES)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+class WorldStream(tud.IterableDataset):
+    """An endless, seeded stream of training batches; with loader workers, worker w makes batches w, w+W, …"""
+
+    def __init__(self, seed: int, batch: int, word_ids: dict, bos: int, eos: int, length: int,
+                 p_empty: float = 0.1, start: int = 0):
+        self.seed, self.batch, self.word_ids = seed, batch, word_ids
+        self.bos, self.eos, self.length = bos, eos, length
+        self.p_empty, self.start = p_empty, start
+
+    def make(self, k: int) -> dict:
+        rng = np.random.default_rng([self.seed, k])
+        b = world.make_batch(rng, self.batch)
+        if not self.word_ids:  # images only (the VAE stage)
+            return {"images": b.images}
+        words = [[] if rng.random() < self.p_empty else w for w in b.words]
+        ids = world.encode_words(words, self.word_ids, self.bos, self.eos, self.length)
+        tok = np.where(b.roles >= 0, b.roles + 1, -1)  # word index -> token index (after BOS)
+        tok[np.array([len(w) == 0 for w in words])] = -1
+        return {"images": b.images, "masks": b.masks, "ids": ids, "tokens": tok}
+
+    def __iter__(self):
+        k, stride = self.start, 1
+        info = tud.get_worker_info()
+        if info is not None:
+            k, stride = self.start + info.id, info.num_workers
+        while True:
+            yield self.make(k)
+            k += stride
+
+
+def _identity(batch):
+    return batch
+
+
+def batches(stream: WorldStream, workers: int):
+    """Iterate the stream, with ``workers`` loader processes (0: in this process). Same batches either way."""
+    if workers <= 0:
+        return iter(stream)
+    return iter(tud.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                               collate_fn=_identity))
+
+
+def token_table(tokenizer) -> tuple[dict, int, int, int]:
+    """word -> id, BOS, EOS, context length, read from the tokenizer (one token per grammar word)."""
+    ids = {}
+    for w in tokenizer_words(tokenizer):
+        enc = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"grammar word {w!r} is not a single token")
+        ids[w] = enc[0]
+    return ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.model_max_length
+
+
+def tokenizer_words(tokenizer) -> list[str]:
+    from .architecture import DEFAULT_WORDS
+    return list(DEFAULT_WORDS)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device (use --device cpu or auto)")
+    return name
+
+
+def to_pixels(images, device):
+    """uint8 [B, H, W, 3] -> float [-1, 1] [B, 3, H, W]."""
+    x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+class Logger:
+    def __init__(self, path: str | None, quiet: bool = False):
+        self.path, self.quiet = path, quiet
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **record) -> None:
+        record = {"time": round(time.time(), 1), **record}
+        line = json.dumps(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+# --- stage 1: VAE -----------------------------------------------------------------------------
+
+def train_vae(vae, *, steps: int, batch: int, lr: float, seed: int, device: str, log: Logger,
+              kl_weight: float = 1e-5, workers: int = 0) -> dict:
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+    stream = WorldStream(seed + 1000, batch, {}, 0, 0, 16, p_empty=0.0)
+    it = batches(stream, workers)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=100)
+        x = to_pixels(next(it)["images"], device)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=device)
+        rec = vae.decode(z).sample
+        mse = torch.mean((rec - x) ** 2)
+        kl = post.kl().mean() / z[0].numel()
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(stage="vae", step=step, mse=round(mse.item(), 5), kl=round(kl.item(), 4), elapsed=round(time.time() - t0, 1))
+    vae.eval()
+    return measure_vae(vae, seed=seed + 2000, device=device)
+
+
+def measure_vae(vae, *, seed: int, device: str, n: int = 256) -> dict:
+    """Latent std (-> scaling factor) and how well reconstructions segment back to the true masks."""
+    rng = np.random.default_rng(seed)
+    b = world.make_batch(rng, n)
+    with torch.no_grad():
+        x = to_pixels(b.images, device)
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+    img = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    ious = []
+    for i in range(n):
+        seg = world.segment(img[i])
+        for s in range(int(b.scenes.count[i])):
+            m = seg.get(world.COLOUR_NAMES[b.scenes.colour[i, s]])
+            gt = b.masks[i, s]
+            ious.append(0.0 if m is None else float((m & gt).sum() / (m | gt).sum()))
+    return {"latent_std": float(z.std().item()), "latent_mean": float(z.mean().item()),
+            "recon_mse": float(torch.mean((rec - x) ** 2).item()), "recon_mask_iou": float(np.mean(ious))}
+
+
+# --- stage 2: UNet + text encoder -------------------------------------------------------------
+
+def grounding_loss(maps: dict, masks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and content words of (1 - own-mask share of the word's attention)^2.
+
+    ``maps``: layer -> [B, r*r, K] head-mean probabilities; ``masks``: [B, 3, 32, 32] float;
+    ``tokens``: [B, 3, 4] token index of each object's words (-1 absent).
+    """
+    import torch.nn.functional as F
+    b = tokens.shape[0]
+    pos = tokens.reshape(b, -1)                       # [B, 12]
+    valid = (pos >= 0).float()
+    obj = torch.arange(tokens.shape[1], device=pos.device).repeat_interleave(tokens.shape[2])
+    if valid.sum() == 0:
+        return torch.zeros((), device=pos.device)
+    total = 0.0
+    pooled: dict[int, torch.Tensor] = {}
+    for probs in maps.values():
+        hw = probs.shape[1]
+        r = int(round(math.sqrt(hw)))
+        if r not in pooled:
+            pooled[r] = F.adaptive_avg_pool2d(masks, r).reshape(b, masks.shape[1], hw)
+        m = pooled[r][:, obj]                          # [B, 12, HW]
+        idx = pos.clamp(min=0).unsqueeze(1).expand(b, hw, pos.shape[1])
+        a = torch.gather(probs.float(), 2, idx).transpose(1, 2)   # [B, 12, HW]
+        share = (a * m).sum(-1) / (a.sum(-1) + 1e-8)
+        total = total + (((1.0 - share) ** 2) * valid).sum() / valid.sum()
+    return total / len(maps)
+
+
+def train_unet(pipe, *, steps: int | None, time_budget: float | None, batch: int, lr: float, seed: int,
+               device: str, log: Logger, ground_weight: float = 0.0, ema_decay: float = 0.999,
+               workers: int = 0, checkpoint: str | None = None, checkpoint_every: float = 60.0,
+               record: dict | None = None, warmup: int = 200, min_snr: float = 5.0,
+               hard_stop: float | None = None, probe_steps: int = 150) -> dict:
+    import torch.nn.functional as F
+    from . import probe
+
+    unet, te, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
+    for m in (unet, te, vae):
+        m.to(device)
+    vae.eval().requires_grad_(False)
+    unet.train()
+    te.train()
+    store = probe.ProbeStore(enabled=ground_weight > 0)
+    if ground_weight > 0:
+        probe.install(unet, store)
+    params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    word_ids, bos, eos, length = token_table(pipe.tokenizer)
+    stream = WorldStream(seed, batch, word_ids, bos, eos, length)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    alphas = sched.alphas_cumprod.to(device)
+    snr_all = alphas / (1 - alphas)
+    sf = vae.config.scaling_factor
+    use_amp = device == "cuda"
+    t0 = time.time()
+    last_ckpt = t0
+    total = steps
+    step = 0
+    losses, glosses = [], []
+    probe_start = probe_steps // 3
+    if time_budget is not None and not 3 <= probe_steps <= warmup:
+        raise ValueError(f"probe_steps must be in [3, {warmup}] (inside the warm-up)")
+
+    def save_ckpt(tag: str) -> None:
+        if checkpoint:
+            with torch.no_grad():
+                backup = [p.detach().clone() for p in params]
+                for p, e in zip(params, ema):
+                    p.copy_(e)
+                save_checkpoint(pipe, checkpoint, {**(record or {}), "unet_steps_done": step, "unet_steps": total, "tag": tag})
+                for p, b_ in zip(params, backup):
+                    p.copy_(b_)
+
+    for data in batches(stream, workers):
+        if total is not None and step >= total:
+            break
+        # --time-budget: time steps [probe_steps/3, probe_steps), inside the LR warm-up, whose
+        # learning rates do not depend on the total, so `--steps <chosen>` repeats this run exactly.
+        if total is None and step == probe_steps:
+            rate = (time.time() - t_probe) / (probe_steps - probe_start)
+            total = max(probe_steps + 1, int((time_budget - (time.time() - t0)) / rate) + probe_steps)
+            log(stage="unet", event="step count chosen", steps=total, sec_per_step=round(rate, 4))
+        if step == probe_start:
+            t_probe = time.time()
+        cur_lr = lr_at(step, total or 10**9, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        with torch.no_grad():
+            x = to_pixels(data["images"], device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                lat = vae.encode(x).latent_dist.mean.float() * sf
+        ids = torch.as_tensor(data["ids"], device=device)
+        noise = torch.randn(lat.shape, generator=gen, device=device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen, device=device)
+        noisy = sched.add_noise(lat, noise, t)
+        store.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            ctx = te(ids)[0]
+            pred = unet(noisy, t, ctx).sample
+        snr = snr_all[t]
+        weight = torch.clamp(snr, max=min_snr) / snr
+        mse = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (weight * mse).mean()
+        gl = torch.zeros((), device=device)
+        if ground_weight > 0:
+            masks = torch.as_tensor(data["masks"], device=device).float()
+            tokens = torch.as_tensor(data["tokens"], device=device)
+            gl = grounding_loss(store.maps, masks, tokens)
+            loss = loss + ground_weight * gl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        losses.append(mse.mean().item() if step % 10 == 0 else None)
+        if step % 10 == 0:
+            glosses.append(gl.item())
+        step += 1
+        now = time.time()
+        if step % 200 == 0 or step == 1:
+            recent = [v for v in losses[-200:] if v is not None]
+            log(stage="unet", step=step, of=total, lr=round(cur_lr, 6), mse=round(float(np.mean(recent)), 5),
+                ground=round(float(np.mean(glosses[-20:])), 4), elapsed=round(now - t0, 1))
+        if checkpoint and now - last_ckpt > checkpoint_every:
+            save_ckpt("periodic")
+            last_ckpt = now
+        if hard_stop is not None and now - t0 > hard_stop:
+            log(stage="unet", event="hard stop", step=step, of=total)
+            break
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    if ground_weight > 0:
+        probe.uninstall(unet)
+    unet.eval()
+    te.eval()
+    info = {"unet_steps": total, "unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1)}
+    save_ckpt("final")
+    return info
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+def save_checkpoint(pipe, path: str, record: dict) -> None:
+    """All weights (fp16) of one pipeline in one safetensors file, with the training record."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for comp in ("unet", "text_encoder", "vae"):
+        for k, v in getattr(pipe, comp).state_dict().items():
+            tensors[f"{comp}.{k}"] = v.detach().to("cpu", torch.float16).contiguous()
+    meta = {"record": json.dumps(record), "scaling_factor": str(pipe.vae.config.scaling_factor)}
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str):
+    """A pipeline (float32) rebuilt from a single-file checkpoint, and its training record."""
+    from safetensors import safe_open
+    from .architecture import build_pipeline
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        record = json.loads(meta["record"])
+        pipe = build_pipeline(text_layers=int(record["text_layers"]))
+        for comp in ("unet", "text_encoder", "vae"):
+            module = getattr(pipe, comp)
+            state = {k[len(comp) + 1:]: f.get_tensor(k).float() for k in f.keys() if k.startswith(comp + ".")}
+            module.load_state_dict(state)
+    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    return pipe, record
+
+
+def save_pipeline(pipe, out: Path, record: dict) -> None:
+    """``save_pretrained`` in fp16 safetensors, plus ``training.json``."""
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.to(torch.float32)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffviz train-toyworld", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help="pipeline folder to write (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-layers", type=int, default=1, help="transformer layers in the CLIP text encoder")
+    p.add_argument("--ground-weight", type=float, default=0.1, help="weight of the attention grounding loss (0: off)")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=256)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-from", default=None, help="take the trained VAE from this pipeline folder or checkpoint")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"UNet steps (default: {SHIPPED_STEPS}, the shipped model's count; or chosen by --time-budget)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the UNet stage; sets --steps from measured speed")
+    p.add_argument("--probe-steps", type=int, default=150, help="steps timed to turn --time-budget into a step count")
+    p.add_argument("--hard-stop", type=float, default=None, help="stop the UNet stage after this many seconds regardless")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--checkpoint", default=None, help="also keep a single-file checkpoint here (rewritten periodically)")
+    p.add_argument("--log", default=None, help="append JSON-lines progress here")
+    p.add_argument("--from-checkpoint", default=None, help="skip training: turn this checkpoint into the --out folder")
+    p.add_argument("--eval-prompts", type=int, default=0, help="after training, run eval-attention on this many prompts")
+    p.add_argument("--eval-cfg", type=float, nargs="*", default=None, help="guidance scales for the closing evaluation")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"train-toyworld: error: {out} exists (use --overwrite to replace it)", file=sys.stderr)
+        return 2
+    for flag, value, low in (("--steps", args.steps, 0), ("--vae-steps", args.vae_steps, 1), ("--batch", args.batch, 1),
+                             ("--vae-batch", args.vae_batch, 1), ("--workers", args.workers, 0),
+                             ("--eval-prompts", args.eval_prompts, 0)):
+        if value is not None and value < low:
+            print(f"train-toyworld: error: {flag} must be at least {low}, got {value}", file=sys.stderr)
+            return 2
+    for flag, value in (("--lr", args.lr), ("--vae-lr", args.vae_lr), ("--time-budget", args.time_budget)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            print(f"train-toyworld: error: {flag} must be a positive number, got {value}", file=sys.stderr)
+            return 2
+    if not (0.0 <= args.ema < 1.0) or args.ground_weight < 0 or args.text_layers < 0:
+        print("train-toyworld: error: --ema must be in [0, 1), --ground-weight and --text-layers non-negative",
+              file=sys.stderr)
+        return 2
+    if not 3 <= args.probe_steps <= 200:
+        print("train-toyworld: error: --probe-steps must be between 3 and 200 (the LR warm-up)", file=sys.stderr)
+        return 2
+    if args.steps is not None and args.time_budget is not None:
+        print("train-toyworld: error: give --steps or --time-budget, not both", file=sys.stderr)
+        return 2
+    for flag in ("vae_from", "from_checkpoint"):
+        v = getattr(args, flag)
+        if v is not None and not Path(v).exists():
+            print(f"train-toyworld: error: --{flag.replace('_', '-')} {v} does not exist", file=sys.stderr)
+            return 2
+    from .architecture import build_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:
+        print(f"train-toyworld: error: {exc}", file=sys.stderr)
+        return 2
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    log = Logger(args.log)
+    if args.from_checkpoint:
+        pipe, record = load_checkpoint(args.from_checkpoint)
+    else:
+        record = {k: v for k, v in vars(args).items() if k not in {"out", "overwrite", "log", "checkpoint", "from_checkpoint"}}
+        record["device"] = device
+        record["torch"] = torch.__version__
+        pipe = build_pipeline(text_layers=args.text_layers, seed=args.seed)
+        if args.vae_from:
+            src = load_vae(args.vae_from)
+            pipe.vae.load_state_dict(src.state_dict())
+            pipe.vae.register_to_config(scaling_factor=src.config.scaling_factor)
+            record["vae"] = {"from": str(args.vae_from), **measure_vae(pipe.vae.to(device).eval(), seed=args.seed + 2000, device=device)}
+        else:
+            info = train_vae(pipe.vae, steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr, seed=args.seed,
+                             device=device, log=log, workers=args.workers)
+            pipe.vae.register_to_config(scaling_factor=round(1.0 / info["latent_std"], 4))
+            record["vae"] = info
+        log(stage="vae", **record["vae"], scaling_factor=pipe.vae.config.scaling_factor)
+        steps = args.steps if (args.steps is not None or args.time_budget) else SHIPPED_STEPS
+        if steps != 0:
+            info = train_unet(pipe, steps=steps, time_budget=args.time_budget, batch=args.batch, lr=args.lr,
+                              seed=args.seed, device=device, log=log, ground_weight=args.ground_weight,
+                              ema_decay=args.ema, workers=args.workers, checkpoint=args.checkpoint, record=record,
+                              hard_stop=args.hard_stop, probe_steps=args.probe_steps)
+            record.update(info)
+            log(stage="unet", event="done", **info)
+        else:
+            record.update({"unet_steps": 0, "unet_steps_done": 0})
+    if args.eval_prompts:
+        from . import evaluate
+        for cfg in args.eval_cfg or [evaluate.DEFAULT_CFG]:
+            report = evaluate.evaluate(pipe, n_prompts=args.eval_prompts, seed=evaluate.DEFAULT_SEED, cfg=cfg,
+                                       batched=True, batch_size=128)
+            record.setdefault("evaluation", []).append(evaluate.summary(report))
+            log(stage="eval", cfg=cfg, **evaluate.summary(report))
+    pipe.to("cpu")
+    tmp = out.with_name(out.name + ".tmp-train")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    save_pipeline(pipe, tmp, record)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(stage="saved", out=str(out))
+    return 0
+
+
+def load_vae(source: str):
+    """The VAE of a saved pipeline folder, or of a single-file checkpoint."""
+    from diffusers import AutoencoderKL
+    src = Path(source)
+    if src.is_dir():
+        return AutoencoderKL.from_pretrained(str(src / "vae") if (src / "vae").is_dir() else str(src)).float()
+    pipe, _ = load_checkpoint(str(src))
+    return pipe.vae
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The shipped toy-world model: a complete pipeline folder that loads offline and generates; the training pieces."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from capture.toyworld import probe, world  # noqa: E402
+from capture.toyworld.architecture import DEFAULT_WORDS, build_pipeline  # noqa: E402
+from capture.toyworld.train import grounding_loss, main as train_main, token_table  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[1] / "capture" / "toyworld" / "model"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline.from_pretrained(str(MODEL), local_files_only=True, dtype=torch.float32)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_shipped_folder_is_a_small_fp16_pipeline():
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (MODEL / part).is_dir(), part
+    weights = sorted(MODEL.glob("*/*.safetensors"))
+    assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder"}
+    assert not list(MODEL.glob("*/*.bin"))
+    total = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert total <= 15 * 1024 * 1024, total
+    from safetensors import safe_open
+    for w in weights:
+        with safe_open(str(w), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == {"F16"}, (w, dtypes)
+    record = json.loads((MODEL / "training.json").read_text())
+    assert record["unet_steps_done"] > 0 and "vae" in record
+
+
+def test_loads_offline_and_generates(pipe):
+    assert isinstance(pipe.unet, diffusers.UNet2DConditionModel)
+    cross = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
+    assert len({n.split(".")[0] + n.split(".")[1] for n in cross}) >= 3  # cross-attention at several blocks
+    ids, bos, eos, length = token_table(pipe.tokenizer)   # every grammar word is one token of the shipped tokenizer
+    assert set(ids) == set(DEFAULT_WORDS)
+    out = pipe("a red circle and a blue square", num_inference_steps=5, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(0))
+    img = out.images[0]
+    assert img.shape == (32, 32, 3) and np.isfinite(img).all()
+    again = pipe("a red circle and a blue square", num_inference_steps=5, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.allclose(img, again)
+
+
+def test_probe_processor_matches_default_attention(pipe):
+    """The training/eval probe must not change what the UNet computes."""
+    gen = torch.Generator("cpu").manual_seed(1)
+    lat = torch.randn(2, 4, 16, 16, generator=gen)
+    ids = torch.as_tensor(pipe.tokenizer(["a red circle", "a blue square and a green triangle"], padding="max_length",
+                                         max_length=16)["input_ids"])
+    with torch.no_grad():
+        ctx = pipe.text_encoder(ids)[0]
+        ref = pipe.unet(lat, torch.tensor([500, 20]), ctx).sample
+        store = probe.ProbeStore()
+        names = probe.install(pipe.unet, store)
+        try:
+            got = pipe.unet(lat, torch.tensor([500, 20]), ctx).sample
+        finally:
+            probe.uninstall(pipe.unet)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    assert set(store.maps) == set(names) and len(names) >= 3
+    for m in store.maps.values():
+        assert m.shape[0] == 2 and m.shape[2] == 16
+        assert torch.allclose(m.sum(-1), torch.ones(m.shape[:2]), atol=1e-5)  # a distribution over the 16 keys
+
+
+def test_grounding_loss_is_zero_on_the_mask_and_high_off_it():
+    masks = torch.zeros(1, 3, 32, 32)
+    masks[0, 0, :16, :16] = 1.0                          # object 0: top-left quarter
+    tokens = torch.full((1, 3, 4), -1, dtype=torch.long)
+    tokens[0, 0, 0] = 2                                  # its colour word is token 2
+    on = torch.zeros(1, 256, 16)
+    on[0, :, 0] = 1.0
+    grid = torch.zeros(16, 16)
+    grid[:8, :8] = 1.0
+    on[0, :, 2] = grid.flatten() / grid.sum()           # token 2 looks only at the top-left quarter
+    assert grounding_loss({"l": on}, masks, tokens).item() == pytest.approx(0.0, abs=1e-6)
+    flat = torch.full((1, 256, 16), 1.0 / 16)           # uniform: a quarter of the mass inside
+    assert grounding_loss({"l": flat}, masks, tokens).item() == pytest.approx(0.75 ** 2, rel=1e-5)
+    off = torch.zeros(1, 64, 16)
+    off[0, :, 2] = 0.0
+    off[0, -1, 2] = 1.0                                  # bottom-right corner, outside: share 0
+    assert grounding_loss({"l": off}, masks, tokens).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert train_main(["--out", str(out), "--steps", "1"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert train_main(["--out", str(tmp_path / "x"), "--vae-from", str(tmp_path / "nope")]) == 2
+
+
+def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path):
+    """The same code path as the shipped model, at toy scale: VAE, UNet with the grounding loss, save."""
+    out = tmp_path / "model"
+    rc = train_main(["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2",
+                     "--batch", "4", "--text-layers", "0", "--ground-weight", "0.1", "--threads", "2",
+                     "--checkpoint", str(tmp_path / "ckpt.safetensors"), "--log", str(tmp_path / "log.jsonl")])
+    assert rc == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_steps_done"] == 2 and record["text_layers"] == 0
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
+    assert p.text_encoder.config.num_hidden_layers == 0
+    assert p.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"] if "scaling_factor" in record["vae"]
+                                                        else 1.0 / record["vae"]["latent_std"], rel=1e-3)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == "unet" and r.get("event") == "done" for r in log)
+    # The single-file checkpoint rebuilds the same weights.
+    from capture.toyworld.train import load_checkpoint
+    again, rec = load_checkpoint(str(tmp_path / "ckpt.safetensors"))
+    assert rec["unet_steps_done"] == 2
+    a = dict(p.unet.named_parameters())
+    for k, v in again.unet.named_parameters():
+        assert torch.allclose(v, a[k].float(), atol=1e-3), k
