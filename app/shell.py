@@ -1,0 +1,292 @@
+"""The app shell: one :class:`State`, one :class:`Store`, the loaders, the error banner, the four
+views (and the local-generator panel when ``app.views.generator`` exists), and URL sync.
+
+Loading: ``State.dataset`` / ``State.compare`` hold what the user asked for (folder, URL or
+``upload:NAME``). The shell opens it through the store; only the three JSON files are read up
+front. On failure the banner names the problem, the state goes back to the run still shown, and
+that run stays usable.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+import panel as pn
+import param
+from panel.io.document import hold
+
+from app.state import ALL_LAYERS, DEFAULT_DATASET, State
+from app.store import UPLOAD_PREFIX, RunData, Store, one_line
+from app.views.attention import AttentionView
+from app.views.common import CSS, View
+from app.views.compare import CompareView
+from app.views.frames import step_js
+from app.views.timeline import TimelineView
+from app.views.trajectory import TrajectoryView
+
+#: Query-string names of the state parameters mirrored in the page URL.
+URL_PARAMS = {"dataset": "dataset", "compare": "compare", "step": "step", "layer": "layer", "token": "token"}
+
+
+def default_dataset() -> str:
+    """``DIFFVIZ_DATASET`` (set by ``diffviz serve --dataset``) or ``datasets/default``."""
+    return os.environ.get("DIFFVIZ_DATASET", "").strip() or DEFAULT_DATASET
+
+
+def _generator_panel_class() -> Any:
+    """``app.views.generator.GeneratorPanel`` if that module exists (the local-generator bridge panel)."""
+    if importlib.util.find_spec("app.views.generator") is None:
+        return None
+    return importlib.import_module("app.views.generator").GeneratorPanel
+
+
+class Dashboard(pn.viewable.Viewer):
+    """The whole dashboard for one session."""
+
+    state = param.ClassSelector(class_=State)
+    store = param.ClassSelector(class_=Store)
+
+    def __init__(self, state: State | None = None, store: Store | None = None, *, cache_mb: int | None = None,
+                 sync_url: bool = True, **params: Any):
+        state = state if state is not None else State(dataset=default_dataset())
+        store = store if store is not None else Store(cache_mb=cache_mb)
+        super().__init__(state=state, store=store, **params)
+        self.banner = pn.pane.HTML("", visible=False, sizing_mode="stretch_width", css_classes=["dv-banner"],
+                                   stylesheets=[CSS], name="banner")
+        self._loaded: dict[str, str | None] = {"dataset": None, "compare": None}
+
+        # Loaders run before any view reacts to the same change (watchers fire in registration order).
+        state.param.watch(self._on_dataset, "dataset")
+        state.param.watch(self._on_compare, "compare")
+        self._load("dataset", state.dataset, initial=True)
+        if state.compare:
+            self._load("compare", state.compare, initial=True)
+
+        common = dict(state=state, store=store, report=self.show_error)
+        self.timeline = TimelineView(**common)
+        self.attention = AttentionView(**common)
+        self.trajectory = TrajectoryView(**common)
+        self.compare = CompareView(**common)
+        self.generator = self._make_generator()
+        # a step change draws the frames already in the browser at once (app.views.frames)
+        args, code = step_js([(self.timeline.frames, self.timeline.image_source, None),
+                              (self.attention.image_frames, self.attention.image_source, None),
+                              (self.attention.heat_frames, self.attention.heat_source, self.attention.mapper)])
+        self.timeline.slider.jscallback(args=args, value=code)
+
+        # ---- the run loader (sidebar)
+        self.source_box = pn.widgets.TextInput(label="Run (folder or URL)", value=state.dataset, placeholder="datasets/default or https://…/run/",
+                                               sizing_mode="stretch_width", tags=["dv:dataset-url"])
+        self.load_button = pn.widgets.Button(label="Load", color="primary", sizing_mode="stretch_width", tags=["dv:dataset-load"])
+        self.folder = pn.widgets.FileInput(directory=True, label="…or pick a run folder", sizing_mode="stretch_width",
+                                          tags=["dv:dataset-folder"])
+        self.load_button.on_click(lambda _e: self.submit(self.source_box.value))
+        self.source_box.param.watch(lambda _e: self.submit(self.source_box.value), "enter_pressed")
+        self.folder.param.watch(self._on_folder, "value")
+        self.run_info = pn.pane.HTML("", css_classes=["dv-runinfo"], sizing_mode="stretch_width", stylesheets=[CSS])
+        store.param.watch(self._on_run_changed, "run")
+        self._on_run_changed()
+
+        if sync_url:
+            self.sync_url()
+
+    # ---- layout ---------------------------------------------------------------------------------
+
+    def sections(self) -> list[tuple[str, Any]]:
+        items = [("Timeline", self.timeline), ("Attention", self.attention), ("Trajectory", self.trajectory),
+                 ("Compare runs", self.compare)]
+        if self.generator is not None:
+            items.append(("Local generator", self.generator))
+        return items
+
+    def sidebar(self) -> list[Any]:
+        return [
+            pn.pane.HTML("<b>Run</b>", margin=(5, 10, 0, 10)), self.source_box, self.load_button, self.folder,
+            self.run_info,
+        ]
+
+    def main(self) -> list[Any]:
+        self.tabs = pn.Tabs(*self.sections(), dynamic=False, sizing_mode="stretch_width", name="views")
+        self.tabs.param.watch(self._on_tab, "active")
+        self._on_tab()
+        return [self.banner, self.timeline.controls, self.tabs]
+
+    def _on_tab(self, *_: Any) -> None:
+        """Only the shown tab's views update on each change; the others refresh when shown."""
+        with hold():
+            for index, (_name, view) in enumerate(self.sections()):
+                if isinstance(view, View):
+                    view.active = index == self.tabs.active
+
+    def __panel__(self) -> Any:
+        return pn.Row(pn.Column(*self.sidebar(), width=300), pn.Column(*self.main(), sizing_mode="stretch_width"))
+
+    def template(self) -> Any:
+        """The page: a Fast list template with the loader in the sidebar."""
+        return pn.template.FastListTemplate(
+            title="diffviz — inside a diffusion run", sidebar=self.sidebar(), main=self.main(),
+            sidebar_width=300, accent_base_color="#4c72b0", header_background="#2f4b7c", theme_toggle=False,
+            main_layout=None, busy_indicator=None,
+        )
+
+    # ---- URL sync --------------------------------------------------------------------------------
+
+    def sync_url(self) -> None:
+        """Mirror dataset/compare/step/layer/token in the page's query string (served and in the worker)."""
+        location = pn.state.location
+        if location is None:
+            return
+        location.sync(self.state, URL_PARAMS, on_error=self._on_url_error)
+        self.state.param.watch(self._on_playing_url, "playing")
+
+    def _on_playing_url(self, event: Any) -> None:
+        """During playback the address leaves out the step (one less round trip per frame); it comes back on pause."""
+        location = pn.state.location
+        if location is None:
+            return
+        if event.new:
+            location.unsync(self.state, ["step"])
+        else:
+            location.sync(self.state, {"step": URL_PARAMS["step"]}, on_error=self._on_url_error)
+
+    def _on_url_error(self, mapped: dict[str, Any]) -> None:
+        """The query held a value the state refuses as parsed (``layer=1`` arrives as the number 1, ``step=-3``):
+        apply what is valid, with numbers given back as text for text parameters, and name the rest."""
+        bad = []
+        for name, value in mapped.items():
+            if isinstance(self.state.param[name], param.String) and value is not None and not isinstance(value, str):
+                value = str(value)
+            try:
+                self.state.param.update(**{name: value})
+            except Exception:  # noqa: BLE001 - reported below
+                bad.append(f"{URL_PARAMS.get(name, name)}={value!r}")
+        if bad:
+            self.show_error(f"Ignored from the page address: {', '.join(bad)}")
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    def submit(self, text: str) -> None:
+        """Load ``text`` as the main run (the Load button / Enter in the box)."""
+        text = (text or "").strip()
+        if not text:
+            self.show_error("Type a run folder or URL first.")
+            return
+        if text == self.state.dataset:
+            self._load("dataset", text, force=True)
+        else:
+            self.state.dataset = text
+
+    def _on_folder(self, event: Any) -> None:
+        if not event.new:
+            return
+        try:
+            names = self.folder.filename if isinstance(self.folder.filename, list) else [self.folder.filename]
+            values = event.new if isinstance(event.new, list) else [event.new]
+            self.state.dataset = self.store.add_upload(names, values)
+        except Exception as exc:  # noqa: BLE001 - shown in the banner
+            self.show_error(f"Could not read the picked folder: {one_line(exc)}")
+
+    def _on_dataset(self, event: Any) -> None:
+        self._load("dataset", event.new)
+
+    def _on_compare(self, event: Any) -> None:
+        self._load("compare", event.new)
+
+    def _load(self, which: str, text: str, *, initial: bool = False, force: bool = False) -> None:
+        with hold():
+            self._load_held(which, text, initial=initial, force=force)
+
+    def _load_held(self, which: str, text: str, *, initial: bool, force: bool) -> None:
+        if text == self._loaded[which] and not force:
+            return
+        if which == "compare" and not (text or "").strip():
+            self._loaded["compare"] = ""
+            self.store.set_other(None)
+            return
+        try:
+            data = self.store.open(text)
+        except Exception as exc:  # noqa: BLE001 - any failure: banner, previous run kept
+            what = "comparison run" if which == "compare" else "run"
+            self.show_error(f"Could not load {what} {text!r}: {one_line(exc)}")
+            previous = self._loaded[which]
+            if previous is not None and getattr(self.state, which) != previous:
+                setattr(self.state, which, previous)
+            elif previous is None and which == "compare":
+                self._loaded["compare"] = ""
+                self.state.compare = ""
+            return
+        self._loaded[which] = text
+        self.clear_error()
+        if which == "compare":
+            self.store.set_other(data)
+            return
+        self._fit_state(data)
+        self.store.set_run(data)
+        if not initial:
+            # tell the views and the URL about values clamped to the new run
+            self.state.param.trigger("step", "layer", "token")
+
+    def _fit_state(self, data: RunData) -> None:
+        """Bring step/layer/token inside the new run, silently (the views re-read everything on the new run)."""
+        state = self.state
+        updates: dict[str, Any] = {}
+        if not 0 <= state.step < data.n_steps:
+            updates["step"] = min(max(state.step, 0), data.n_steps - 1)
+        if state.layer not in data.layer_values():
+            updates["layer"] = ALL_LAYERS
+        if state.token is None or not 0 <= state.token < len(data.tokens):
+            updates["token"] = data.default_token()
+        first, last = state.step_range
+        if not 0 <= first <= last < data.n_steps or (first, last) == (0, 0):
+            updates["step_range"] = (0, data.n_steps - 1)
+        if updates:
+            with param.parameterized.discard_events(state):
+                state.param.update(**updates)
+
+    # ---- banner and run info ---------------------------------------------------------------------
+
+    def show_error(self, message: str) -> None:
+        self.banner.object = f"<div class='dv-error' role='alert'>⚠ {html.escape(message)}</div>"
+        self.banner.visible = True
+
+    def clear_error(self) -> None:
+        self.banner.visible = False
+        self.banner.object = ""
+
+    def _on_run_changed(self, *_: Any) -> None:
+        data = self.store.run
+        if data is None:
+            self.run_info.object = ("<p class='dv-note'>No run loaded. Type a run folder or URL above, "
+                                    "or pick a run folder.</p>")
+            return
+        if self.source_box.value != self.state.dataset and not self.state.dataset.startswith(UPLOAD_PREFIX):
+            self.source_box.value = self.state.dataset
+        info = data.metadata.get("run", {})
+        model = info.get("model", {})
+        rows = [
+            ("prompt", f"“{data.prompt}”"),
+            ("negative", info.get("negative_prompt") or "—"),
+            ("model", f"{model.get('id', '?')} ({model.get('source', '?')})"),
+            ("steps", f"{data.n_steps} · {info.get('scheduler', '?')}"),
+            ("cfg · seed", f"{info.get('cfg_scale', '?')} · {info.get('seed', '?')}"),
+            ("image", f"{data.height}×{data.width}"),
+            ("layers", f"{len(data.layers)} ({len(data.cross_layers)} cross, {len(data.self_layers)} self)"),
+            ("tokens", str(len(data.tokens))),
+            ("source", data.label),
+        ]
+        body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        self.run_info.object = f"<table class='dv-runinfo'>{body}</table>"
+
+    # ---- local generator slot ------------------------------------------------------------------
+
+    def _make_generator(self) -> Any:
+        try:
+            cls = _generator_panel_class()
+            return None if cls is None else cls(state=self.state)
+        except Exception as exc:  # noqa: BLE001 - the dashboard works without the generator panel
+            self.show_error(f"Local generator panel unavailable: {one_line(exc)}")
+            return None
+

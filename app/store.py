@@ -1,0 +1,626 @@
+"""The dashboard's data: the ``export`` reader plus derived data, and no UI.
+
+* :func:`resolve_source` turns what a user typed (folder, URL, ``upload:NAME``) into a reader source.
+* :class:`RunData` wraps one opened run: layer groups, token/word labels, token maps (one layer or
+  all layers brought to one resolution), the DAAM aggregate, the self-attention probe, and the
+  per-step metrics the views plot.
+* :class:`Comparison` holds two runs: the reader's compatibility verdict, the JS divergence per
+  step x layer and per token (``analysis.divergence``), both PCA trajectories on a shared basis
+  (``analysis.trajectory``) and the per-step latent deltas.
+* :class:`Store` owns the open runs (``run``, ``other``, ``comparison`` are params the views watch),
+  the uploaded folders, and the cache size.
+
+Decoding lives in ``export.reader`` and the math in ``analysis``; this module only selects,
+sums, averages and resamples arrays. Everything here is plain numpy, so it runs unchanged in
+the Pyodide worker of the static site.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import param
+
+from analysis import divergence as _divergence
+from analysis import metrics as _metrics
+from analysis import trajectory as _trajectory
+from app.state import ALL_LAYERS
+from export import reader as _reader
+from export import validate as _validate
+from export.contract import DatasetError
+
+#: Default bound of each run's LRU cache of decoded maps and images, in MB.
+DEFAULT_CACHE_MB = 256
+#: The project checkout (``datasets/`` lives here when running from a clone).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+UPLOAD_PREFIX = "upload:"
+#: Words skipped when choosing the token shown first.
+FUNCTION_WORDS = frozenset("a an the and or of on in at to with by for from over under is are , .".split())
+
+IN_BROWSER = sys.platform == "emscripten"
+
+
+def cache_mb_from_env(default: int = DEFAULT_CACHE_MB) -> int:
+    """``DIFFVIZ_CACHE_MB`` if set to a positive integer, else ``default``."""
+    raw = os.environ.get("DIFFVIZ_CACHE_MB", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line message for the banner: never a traceback."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, DatasetError):
+        return text or "invalid dataset"
+    if isinstance(exc, FileNotFoundError) and getattr(exc, "filename", None):
+        return f"file not found: {exc.filename}"
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def resolve_source(text: str, uploads: Mapping[str, Mapping[str, bytes]] | None = None) -> Any:
+    """The reader source for what the user typed.
+
+    ``upload:NAME`` is a folder picked in the browser (kept in ``uploads``); ``http(s)://`` is a URL;
+    in the browser build any other string is a URL relative to the page; under ``panel serve`` it is
+    a folder, absolute, relative to the working directory, or relative to the project checkout.
+    """
+    text = (text or "").strip()
+    if not text:
+        raise DatasetError("no dataset given")
+    if text.startswith(UPLOAD_PREFIX):
+        name = text[len(UPLOAD_PREFIX):]
+        if not uploads or name not in uploads:
+            raise DatasetError(f"uploaded folder {name!r} is not in this session; pick the folder again")
+        return uploads[name]
+    if is_url(text) or IN_BROWSER:
+        return text
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    if any(c.exists() for c in candidates):
+        raise DatasetError(f"{text}: not a folder (a run is a folder with metadata.json)")
+    raise DatasetError(f"{text}: no such folder")
+
+
+def files_from_upload(filenames: list[str], contents: list[bytes]) -> tuple[str, dict[str, bytes]]:
+    """``(folder name, {path: bytes})`` from a ``FileInput(directory=True)`` upload.
+
+    Browsers report each file relative to the picked folder's parent (``myrun/images/step_000.png``);
+    the reader strips that prefix itself (``export.reader.BytesSource``), so the paths are kept.
+    """
+    if not filenames:
+        raise DatasetError("the picked folder is empty")
+    if len(filenames) != len(contents):
+        raise DatasetError("upload is incomplete: file names and contents differ in number")
+    paths = [str(name).replace("\\", "/").lstrip("/") for name in filenames]
+    tops = {p.split("/")[0] for p in paths if "/" in p}
+    folder = tops.pop() if len(tops) == 1 else "folder"
+    return folder, {p: bytes(c) for p, c in zip(paths, contents)}
+
+
+def check_schema(run: Any, label: str) -> None:
+    """Raise :class:`DatasetError` naming the first place where one of the three JSON files breaks ``schema.json``."""
+    for name, document, part in (("metadata.json", run.metadata, "metadata"), ("metrics.json", run.metrics, "metrics"),
+                                 ("latent_pca.json", run.pca, "latent_pca")):
+        errors = _validate.schema_errors(document, part)
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise DatasetError(f"{label}: {name} fails validation: {errors[0]}{more}")
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` weights of 1-D linear interpolation with pixel-centre alignment (edges clamped)."""
+    pos = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    w = np.zeros((n_out, n_in), np.float64)
+    np.add.at(w, (np.arange(n_out), lo), 1 - frac)
+    np.add.at(w, (np.arange(n_out), hi), frac)
+    w = w.astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
+def resize(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resampling of a map ``[H, W]`` (or a stack ``[..., H, W]``) with pixel-centre alignment,
+    equal to PIL's bilinear resize when upsampling (no corner pinning).
+
+    Used to bring maps of different resolutions to one grid before averaging them, and to upsample a
+    map to the image size for display. A copy, exact, when the size is unchanged.
+    """
+    m = np.asarray(m, dtype=np.float32)
+    h, w = m.shape[-2:]
+    if (h, w) == (height, width):
+        return m.copy()
+    return (_interpolation_matrix(h, height) @ m @ _interpolation_matrix(w, width).T).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _clean_token(text: str) -> str:
+    text = str(text)
+    if text.endswith("</w>"):
+        text = text[:-4]
+    return text or "␣"
+
+
+class RunData:
+    """One opened run and what the views derive from it. Reads go through the reader's LRU cache."""
+
+    #: Derived all-layer arrays kept (each is ``T * r * r`` float32: a few kB for the shipped runs).
+    MEMO_ITEMS = 8
+
+    def __init__(self, run: Any, label: str):
+        self.run = run
+        self.label = label
+        md = run.metadata
+        self.metadata = md
+        self.metrics = run.metrics or {}
+        self.pca = run.pca or {}
+        info = md.get("run", {})
+        self.prompt: str = str(info.get("prompt", ""))
+        self.height = int(info.get("height") or 0)
+        self.width = int(info.get("width") or 0)
+        self.timesteps: list[int] = [int(t) for t in md.get("timesteps", [])]
+        self.n_steps = len(self.timesteps)
+        self.layers: list[dict] = list(md.get("layers", []))
+        self.tokens: list[dict] = list(md.get("tokens", []))
+        self.words: list[str] = list(md.get("words") or [])
+        self.cross_layers = [int(l["index"]) for l in self.layers if l.get("cross_shape")]
+        self.self_layers = [int(l["index"]) for l in self.layers if l.get("self_shape")]
+        cross_res = [tuple(l["cross_shape"][1:]) for l in self.layers if l.get("cross_shape")]
+        self.cross_grid: tuple[int, int] = max(cross_res) if cross_res else (0, 0)
+        self_res = [self.self_side(int(l["index"])) for l in self.layers if l.get("self_shape")]
+        self.self_grid: int = max(self_res) if self_res else 0
+        self._memo: OrderedDict = OrderedDict()
+
+    # ---- labels -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def layer_label(self, index: int) -> str:
+        layer = self.layers[index]
+        name = str(layer.get("name", index))
+        block = str(layer.get("block", ""))
+        rest = name[len(block) + 1:] if block and name.startswith(block + ".") else name
+        rest = rest.replace("attentions.", "attn ").replace("transformer_blocks.", "tb ").replace(".", " · ")
+        return f"L{index} · {rest}"
+
+    def layer_resolution(self, index: int) -> tuple[int, int]:
+        layer = self.layers[index]
+        if layer.get("cross_shape"):
+            return tuple(int(v) for v in layer["cross_shape"][1:])
+        native = layer.get("native") or [0, 0]
+        return int(native[0]), int(native[1])
+
+    def layer_groups(self) -> dict[str, dict[str, str]]:
+        """Options for a grouped layer ``Select``: ``{group: {label: value}}``, grouped by block and resolution."""
+        h, w = self.cross_grid
+        grid = f" at {h}×{w}" if self.cross_layers else ""
+        groups: dict[str, dict[str, str]] = {"All layers": {f"all layers (mean{grid})": ALL_LAYERS}}
+        for layer in self.layers:
+            index = int(layer["index"])
+            if index not in self.cross_layers and index not in self.self_layers:
+                continue
+            rh, rw = self.layer_resolution(index)
+            group = f"{layer.get('block', '?')} · {rh}×{rw}"
+            groups.setdefault(group, {})[self.layer_label(index)] = str(index)
+        return groups
+
+    def layer_values(self) -> list[str]:
+        return [ALL_LAYERS] + [str(i) for i in sorted(set(self.cross_layers) | set(self.self_layers))]
+
+    def token_text(self, index: int) -> str:
+        token = self.tokens[index]
+        if token.get("special"):
+            text = str(token.get("text", ""))
+            return "<start>" if "start" in text else "<end>" if "end" in text else text
+        return _clean_token(token.get("text", ""))
+
+    def word_of(self, index: int) -> int | None:
+        word = self.tokens[index].get("word") if 0 <= index < len(self.tokens) else None
+        return None if word is None else int(word)
+
+    def token_indices(self, token: int, merge: bool) -> list[int]:
+        """The stored token rows shown for ``token``: its whole word when ``merge`` and it has one."""
+        if not 0 <= token < len(self.tokens):
+            raise DatasetError(f"token {token} is outside this run's {len(self.tokens)} tokens")
+        word = self.word_of(token)
+        if not merge or word is None:
+            return [token]
+        return [i for i in range(len(self.tokens)) if self.word_of(i) == word]
+
+    def token_label(self, token: int, merge: bool) -> str:
+        indices = self.token_indices(token, merge)
+        word = self.word_of(token)
+        if merge and word is not None and word < len(self.words):
+            return self.words[word]
+        return "".join(self.token_text(i) for i in indices)
+
+    def token_options(self, merge: bool) -> dict[str, int]:
+        """``{label: token index}`` for the token selector; with ``merge`` one entry per word."""
+        options: dict[str, int] = {}
+        seen_words: set[int] = set()
+        for i, token in enumerate(self.tokens):
+            word = self.word_of(i)
+            if merge and word is not None:
+                if word in seen_words:
+                    continue
+                seen_words.add(word)
+                parts = self.token_indices(i, True)
+                label = self.token_label(i, True)
+                if len(parts) > 1:
+                    label += "  (" + " + ".join(self.token_text(p) for p in parts) + ")"
+            else:
+                label = self.token_text(i)
+            label = f"{i}: {label}"
+            options[label] = i
+        return options
+
+    def default_token(self) -> int:
+        """The first content word of the prompt (not a special token, not a function word), else the first word."""
+        words = [i for i, token in enumerate(self.tokens) if not token.get("special")]
+        content = [i for i in words if self.token_text(i).lower() not in FUNCTION_WORDS]
+        return (content or words or [0])[0]
+
+    def canonical_token(self, token: int, merge: bool) -> int:
+        """The index the selector uses for ``token``: the word's first token when merging."""
+        return self.token_indices(token, merge)[0]
+
+    # ---- raw reads ------------------------------------------------------------------
+
+    def image(self, step: int) -> np.ndarray:
+        return self.run.image(int(step))
+
+    def self_side(self, layer: int) -> int:
+        shape = self.layers[layer].get("self_shape")
+        return int(round(math.sqrt(int(shape[0])))) if shape else 0
+
+    def _check_step(self, step: int) -> int:
+        step = int(step)
+        if not 0 <= step < self.n_steps:
+            raise DatasetError(f"step {step} is outside this run's {self.n_steps} steps")
+        return step
+
+    def _layer_index(self, layer: str | int, kind: str) -> int:
+        try:
+            index = int(layer)
+        except (TypeError, ValueError):
+            raise DatasetError(f"layer {layer!r} is not a layer index or {ALL_LAYERS!r}") from None
+        valid = self.cross_layers if kind == "cross" else self.self_layers
+        if index not in valid:
+            raise DatasetError(f"layer {index} has no {kind}-attention maps in this run")
+        return index
+
+    # ---- cross attention -------------------------------------------------------------
+
+    def cross_layer_map(self, layer: int, step: int, token: int, merge: bool) -> np.ndarray:
+        """One layer's map for a token (or its word: sub-word maps summed), float32 ``[r, r]``."""
+        maps = self.run.cross(int(layer), self._check_step(step))
+        rows = self.token_indices(token, merge)
+        return np.asarray(maps[rows].sum(axis=0), dtype=np.float32)
+
+    def cross_map(self, layer: str | int, step: int, token: int, merge: bool) -> np.ndarray:
+        """The map shown for ``layer``: one layer's native map, or the mean over all cross layers at ``cross_grid``."""
+        if not self.cross_layers:
+            raise DatasetError("this run has no cross-attention maps")
+        if str(layer) == ALL_LAYERS:
+            return self.cross_all_tokens(ALL_LAYERS, step)[self.token_indices(token, merge)].sum(axis=0)
+        return self.cross_layer_map(self._layer_index(layer, "cross"), step, token, merge)
+
+    def cross_all_tokens(self, layer: str | int, step: int) -> np.ndarray:
+        """Every stored token's map, ``[T, r, r]``: one layer's, or for ``mean`` each cross layer's maps
+        resampled to ``cross_grid`` (bilinear) and averaged over layers (kept for the last few steps)."""
+        step = self._check_step(step)
+        if str(layer) != ALL_LAYERS:
+            return np.asarray(self.run.cross(self._layer_index(layer, "cross"), step), np.float32)
+        key = ("mean", step)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        h, w = self.cross_grid
+        acc = np.zeros((len(self.tokens), h, w), np.float32)
+        for index in self.cross_layers:
+            acc += resize(self.run.cross(index, step), h, w)
+        result = acc / max(len(self.cross_layers), 1)
+        self._remember(key, result)
+        return result
+
+    def aggregate_all(self, first: int, last: int) -> np.ndarray:
+        """Every token's DAAM map ``[T, r, r]``: the all-layer mean averaged over steps ``first..last``."""
+        first, last = sorted((self._check_step(first), self._check_step(last)))
+        key = ("aggregate", first, last)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        acc = np.zeros((len(self.tokens),) + tuple(self.cross_grid), np.float32)
+        for step in range(first, last + 1):
+            acc += self.cross_all_tokens(ALL_LAYERS, step)
+        result = acc / (last - first + 1)
+        self._remember(key, result)
+        return result
+
+    def aggregate_map(self, token: int, merge: bool, first: int, last: int) -> np.ndarray:
+        """DAAM's word heat map: the token's map averaged over all cross layers (at ``cross_grid``) and steps ``first..last``."""
+        if not self.cross_layers:
+            raise DatasetError("this run has no cross-attention maps")
+        return self.aggregate_all(first, last)[self.token_indices(token, merge)].sum(axis=0)
+
+    def _remember(self, key: tuple, value: np.ndarray) -> None:
+        self._memo[key] = value
+        while len(self._memo) > self.MEMO_ITEMS:
+            self._memo.popitem(last=False)
+
+    def token_share(self, layer: str | int, step: int) -> np.ndarray:
+        """Each prompt token's share of the stored attention mass at ``layer``/``step`` (sums to 1)."""
+        return _metrics.token_distribution(self.cross_all_tokens(layer, step))
+
+    # ---- self attention ----------------------------------------------------------------
+
+    def probe_layer_map(self, layer: int, step: int, qx: float, qy: float) -> np.ndarray:
+        """Where the query at fractional position ``(qx, qy)`` (top-left origin) attends, ``[s, s]``."""
+        side = self.self_side(layer)
+        maps = self.run.self_attention(int(layer), self._check_step(step))
+        row = min(int(qy * side), side - 1) * side + min(int(qx * side), side - 1)
+        return np.asarray(maps[row], dtype=np.float32).reshape(side, side)
+
+    def probe_map(self, layer: str | int, step: int, qx: float, qy: float) -> np.ndarray:
+        if not self.self_layers:
+            raise DatasetError("this run has no self-attention maps")
+        if str(layer) == ALL_LAYERS:
+            side = self.self_grid
+            acc = np.zeros((side, side), np.float32)
+            for index in self.self_layers:
+                acc += resize(self.probe_layer_map(index, step, qx, qy), side, side)
+            return acc / len(self.self_layers)
+        return self.probe_layer_map(self._layer_index(layer, "self"), step, qx, qy)
+
+    # ---- metrics ------------------------------------------------------------------------
+
+    def steps(self) -> np.ndarray:
+        return np.arange(self.n_steps)
+
+    def metric_curve(self, name: str) -> np.ndarray:
+        values = self.metrics.get(name)
+        return np.asarray(values if values is not None else [np.nan] * self.n_steps, dtype=np.float64)
+
+    def _per_layer(self, section: str, layer: str | int) -> np.ndarray | None:
+        block = self.metrics.get(section)
+        if not block:
+            return None
+        if str(layer) == ALL_LAYERS:
+            return np.asarray(block.get("mean", []), dtype=np.float64)
+        per_layer = block.get("per_layer") or []
+        index = int(layer)
+        # per_layer follows metadata.layers; runs with some layers lacking cross maps list cross layers only.
+        if len(per_layer) == len(self.layers):
+            row = per_layer[index]
+        elif index in self.cross_layers and len(per_layer) == len(self.cross_layers):
+            row = per_layer[self.cross_layers.index(index)]
+        else:
+            return None
+        return None if row is None else np.asarray(row, dtype=np.float64)
+
+    def entropy_curve(self, layer: str | int) -> np.ndarray | None:
+        return self._per_layer("entropy", layer)
+
+    def kl_curve(self, layer: str | int) -> np.ndarray | None:
+        """KL(p_s || p_{s-1}) for steps 1..N-1 (``[N-1]``)."""
+        return self._per_layer("kl_consecutive", layer)
+
+    def entropy_by_layer(self, step: int) -> tuple[list[str], np.ndarray]:
+        """Entropy of every cross layer at ``step`` (labels, values)."""
+        labels, values = [], []
+        for index in self.cross_layers:
+            curve = self.entropy_curve(index)
+            labels.append(f"L{index}")
+            values.append(float(curve[step]) if curve is not None and step < len(curve) else np.nan)
+        return labels, np.asarray(values, dtype=np.float64)
+
+    def pca_coords(self) -> np.ndarray:
+        coords = self.pca.get("coords") or []
+        return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+
+    def pca_variance(self) -> tuple[float, float]:
+        evr = list(self.pca.get("explained_variance_ratio") or [np.nan, np.nan]) + [np.nan, np.nan]
+        return float(evr[0]), float(evr[1])
+
+    # ---- playback ------------------------------------------------------------------------
+
+    def prefetch(self, step: int, layer: str | int, kind: str) -> None:
+        """Warm the reader's cache for ``step`` (image and the maps the attention view will read)."""
+        if not 0 <= step < self.n_steps:
+            return
+        self.run.image(step)
+        if kind == "self":
+            layers = self.self_layers if str(layer) == ALL_LAYERS else [int(layer)]
+            for index in layers:
+                self.run.self_attention(index, step)
+        else:
+            layers = self.cross_layers if str(layer) == ALL_LAYERS else [int(layer)]
+            for index in layers:
+                self.run.cross(index, step)
+
+
+# --------------------------------------------------------------------------- two runs
+
+
+def _compatibility(a: RunData, b: RunData) -> list[str]:
+    """What differs between the runs in ways the comparison cannot bridge ([] when comparable)."""
+    verdict = _reader.compatible(a.run, b.run)
+    if isinstance(verdict, tuple) and len(verdict) == 2 and isinstance(verdict[0], bool):
+        return [] if verdict[0] else [str(v) for v in (verdict[1] if isinstance(verdict[1], (list, tuple)) else [verdict[1]])]
+    if isinstance(verdict, bool):
+        return [] if verdict else ["the runs are not compatible"]
+    if isinstance(verdict, str):
+        return [verdict] if verdict else []
+    return [str(v) for v in (verdict or [])]
+
+
+class Comparison:
+    """Two runs side by side. All arrays are computed lazily and kept."""
+
+    def __init__(self, a: RunData, b: RunData):
+        self.a, self.b = a, b
+        self.differences = _compatibility(a, b)
+        self.ok = not self.differences
+        self.pairs, self.pairing = self._pair_tokens()
+        self._js: tuple[np.ndarray, np.ndarray] | None = None
+        self._traj: tuple[np.ndarray, np.ndarray, tuple[float, float], str] | None = None
+        self._delta: tuple[np.ndarray, str, str] | None = None
+
+    def _pair_tokens(self) -> tuple[list[tuple[int, int, str]], str]:
+        """Which token of run A is compared with which of run B: by position when the counts match
+        (the label shows both texts where they differ, e.g. ``red/blue``), else by equal text."""
+        ta = [self.a.token_text(i) for i in range(len(self.a.tokens))]
+        tb = [self.b.token_text(i) for i in range(len(self.b.tokens))]
+        if len(ta) == len(tb):
+            pairs = [(i, i, x if x == y else f"{x}/{y}") for i, (x, y) in enumerate(zip(ta, tb))]
+            how = "same tokens" if ta == tb else "prompts differ: tokens paired by position"
+            return pairs, how
+        pairs, used = [], set()
+        for i, text in enumerate(ta):
+            for j, other in enumerate(tb):
+                if j not in used and other == text:
+                    pairs.append((i, j, text))
+                    used.add(j)
+                    break
+        return pairs, "token counts differ: tokens paired by equal text"
+
+    def js(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(per_token [N, L, P], grid [N, L])``: JS divergence (base 2) of each paired token's spatial map
+        (``analysis.divergence.map_js_divergence``), and its mean over the paired non-special tokens.
+        ``L`` runs over ``a.cross_layers``; unpaired or non-comparable runs give NaN."""
+        if self._js is None:
+            n, layers, pairs = self.a.n_steps, self.a.cross_layers, self.pairs
+            per_token = np.full((n, len(layers), len(pairs)), np.nan)
+            if self.ok and pairs:
+                rows_a = [p[0] for p in pairs]
+                rows_b = [p[1] for p in pairs]
+                # layers are matched by name (the reader's ``compatible`` checked both have them)
+                layers_b = [self.b.run.layer_index(self.a.layers[layer]["name"]) for layer in layers]
+                for s in range(n):
+                    for li, (layer, layer_b) in enumerate(zip(layers, layers_b)):
+                        ma = self.a.run.cross(layer, s)[rows_a]
+                        mb = self.b.run.cross(layer_b, s)[rows_b]
+                        per_token[s, li] = _divergence.map_js_divergence(ma, mb)
+            words = [k for k, (i, _j, _t) in enumerate(pairs) if not self.a.tokens[i].get("special")]
+            cols = words or list(range(len(pairs)))
+            grid = per_token[:, :, cols].mean(axis=2) if cols else np.full((n, len(layers)), np.nan)
+            self._js = (per_token, grid)
+        return self._js
+
+    def trajectories(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float], str]:
+        """Both runs' latent paths on one basis: ``(coords_a [N, 2], coords_b [N, 2], (evr1, evr2), how)``."""
+        if self._traj is None:
+            la, lb = self.a.run.latents(), self.b.run.latents()
+            if la is not None and lb is not None and np.shape(la[0])[1:] == np.shape(lb[0])[1:]:
+                xa = np.asarray(la[0][1:], np.float64).reshape(len(la[0]) - 1, -1)
+                xb = np.asarray(lb[0][1:], np.float64).reshape(len(lb[0]) - 1, -1)
+                fit = _trajectory.pca_2d(np.concatenate([xa, xb]))
+                ca = np.asarray(_trajectory.project(xa, fit))
+                cb = np.asarray(_trajectory.project(xb, fit))
+                evr = tuple(float(v) for v in fit.explained_variance_ratio[:2])
+                how = "shared basis: PCA fit on both runs' latents (after each step) together"
+            else:
+                missing = [r.label for r, l in ((self.a, la), (self.b, lb)) if l is None]
+                ca, cb = self.a.pca_coords(), self.b.pca_coords()
+                evr = (float("nan"), float("nan"))
+                why = f"no {'latents_noise_fp16.npz'} in {', '.join(missing)}" if missing else "latent shapes differ"
+                how = f"no shared basis ({why}): each run's own PCA from latent_pca.json, axes not comparable"
+            self._traj = (ca, cb, evr, how)
+        return self._traj
+
+    def latent_delta(self) -> tuple[np.ndarray, str, str]:
+        """Per-step difference of the latents: ``(values [N], y label, how)``."""
+        if self._delta is None:
+            la, lb = self.a.run.latents(), self.b.run.latents()
+            n = min(self.a.n_steps, self.b.n_steps)
+            if la is not None and lb is not None and np.shape(la[0]) [1:] == np.shape(lb[0])[1:]:
+                xa = np.asarray(la[0][1 : n + 1], np.float64).reshape(n, -1)
+                xb = np.asarray(lb[0][1 : n + 1], np.float64).reshape(n, -1)
+                values = np.linalg.norm(xa - xb, axis=1)
+                self._delta = (values, "‖x_A − x_B‖₂", "L2 norm of the latent difference after each step")
+            else:
+                na = self.a.metric_curve("latent_norm")[:n]
+                nb = self.b.metric_curve("latent_norm")[:n]
+                self._delta = (na - nb, "‖x_A‖ − ‖x_B‖", "no latents file: difference of the latent norms from metrics.json")
+        return self._delta
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store(param.Parameterized):
+    """The open runs and uploads of one dashboard session."""
+
+    run = param.Parameter(default=None, doc="RunData of the main run, or None")
+    other = param.Parameter(default=None, doc="RunData of the comparison run, or None")
+    comparison = param.Parameter(default=None, doc="Comparison of run and other, or None")
+
+    def __init__(self, cache_mb: int | None = None, opener: Callable[..., Any] | None = None, **params):
+        super().__init__(**params)
+        self.cache_mb = int(cache_mb) if cache_mb else cache_mb_from_env()
+        self.uploads: dict[str, dict[str, bytes]] = {}
+        self._open = opener or _reader.open_run
+
+    def add_upload(self, filenames: list[str], contents: list[bytes]) -> str:
+        """Keep an uploaded folder; returns the ``upload:NAME`` source for the state."""
+        folder, files = files_from_upload(filenames, contents)
+        name, n = folder, 1
+        while name in self.uploads and self.uploads[name] != files:
+            n += 1
+            name = f"{folder}-{n}"
+        self.uploads[name] = files
+        return UPLOAD_PREFIX + name
+
+    def open(self, text: str) -> RunData:
+        """Open ``text`` as a run (raises; nothing is replaced)."""
+        source = resolve_source(text, self.uploads)
+        run = self._open(source, cache_mb=self.cache_mb)
+        check_schema(run, str(text).strip())
+        data = RunData(run, label=str(text).strip())
+        if data.n_steps == 0:
+            raise DatasetError(f"{text}: the run has no steps")
+        return data
+
+    def set_run(self, data: RunData | None) -> None:
+        self.param.update(run=data, comparison=self._compare(data, self.other))
+
+    def set_other(self, data: RunData | None) -> None:
+        self.param.update(other=data, comparison=self._compare(self.run, data))
+
+    @staticmethod
+    def _compare(a: RunData | None, b: RunData | None) -> Comparison | None:
+        return Comparison(a, b) if a is not None and b is not None else None

@@ -1,0 +1,208 @@
+"""View 1, the denoising timeline: step slider, play/pause, the x̂0 preview, latent-norm and
+cosine-to-previous curves with a current-step marker (click a curve to jump to that step).
+
+The step slider changes ``State.step`` without Panel's 50 ms change debounce (``_debounce = 0``)
+so a step change reaches the views at once. Playback is a periodic callback at ``State.fps``
+that advances the step and then prefetches the next one into the reader's cache.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import panel as pn
+from bokeh.events import Tap
+from bokeh.models import ColumnDataSource, CustomJSTickFormatter, HoverTool, Span
+from panel.io.document import hold
+
+from app.views.common import (ACCENT, View, curve_figure, guarded, held, image_figure, later, reported, rgba, rgba_source,
+                              set_image_extent)
+from app.views.frames import FrameFiller, StepFrames
+
+
+#: The step slider's label: "12 / 29 · t = 581" (``tick`` is the step; ``t`` the run's timesteps).
+STEP_FORMAT = "return tick + ' / ' + last + '  ·  t = ' + (t[tick] === undefined ? '?' : t[tick]);"
+
+
+class StepSlider(pn.widgets.IntSlider):
+    """An ``IntSlider`` whose value reaches Python at once (Panel debounces changes by 50 ms by default).
+
+    ``DIFFVIZ_STEP_DEBOUNCE_MS`` sets another debounce (the benchmark uses it to measure Panel's default)."""
+
+    _debounce = int(os.environ.get("DIFFVIZ_STEP_DEBOUNCE_MS", "0")) if os.environ.get("DIFFVIZ_STEP_DEBOUNCE_MS", "").isdigit() else 0
+
+
+class TimelineView(View):
+    """Step controls (``controls``) and the timeline panel (``__panel__``)."""
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        state = self.state
+        self.slider = StepSlider(label="Step", start=0, end=1, value=0, sizing_mode="stretch_width", margin=(5, 12),
+                                 tags=["dv:step"])
+        self.play = pn.widgets.Toggle(label="▶ Play", color="primary", width=90, margin=(18, 6, 5, 6), tags=["dv:play"])
+        self.fps = pn.widgets.IntInput(label="fps", start=1, end=60, value=state.fps, width=70, tags=["dv:fps"])
+        # The slider's label shows the step and its timestep, formatted in the browser, so a step change
+        # costs no extra text update on the server.
+        self.controls = pn.Row(self.play, self.fps, self.slider, sizing_mode="stretch_width")
+
+        self.slider.param.watch(held(lambda e: setattr(state, "step", int(e.new))), "value")
+        self.play.param.watch(lambda e: setattr(state, "playing", bool(e.new)), "value")
+        self.fps.param.watch(lambda e: setattr(state, "fps", int(e.new)), "value")
+        self._callback = None
+        self._formatted_for = None
+
+        # x̂0 preview (and its per-step frames in the browser, see app.views.frames)
+        self.image_source = rgba_source("timeline-image")
+        self.frames = StepFrames("timeline-image", ["image"], np.zeros((1, 1), np.uint32))
+        self.filler = FrameFiller(later)
+        self.image_fig = image_figure("timeline-image-figure", "x̂₀ preview", px=400)
+        self.image_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source)
+
+        # curves, with the current step marked
+        self.curve_source = ColumnDataSource(name="timeline-curves", data={"step": [], "norm": [], "cosine": [], "t": []})
+        self.current_source = ColumnDataSource(name="timeline-current", data={"step": [0], "norm": [np.nan], "cosine": [np.nan]})
+        self.norm_fig = curve_figure("timeline-norm-figure", "Latent L2 norm ‖x_s‖₂", "‖x‖₂", height=210, width=640)
+        self.cos_fig = curve_figure("timeline-cosine-figure", "Cosine to previous latent", "cos(x_s, x_s−1)",
+                                    height=210, width=640, x_range=self.norm_fig.x_range)
+        self.markers = []
+        for fig, column, colour in ((self.norm_fig, "norm", "#1f77b4"), (self.cos_fig, "cosine", "#2ca02c")):
+            line = fig.line("step", column, source=self.curve_source, line_width=2, color=colour)
+            fig.scatter("step", column, source=self.curve_source, size=5, color=colour)
+            fig.scatter("step", column, source=self.current_source, size=11, color=ACCENT, line_color="white")
+            marker = Span(location=0, dimension="height", line_color=ACCENT, line_width=2, line_dash="dashed",
+                          name=f"timeline-marker-{column}")
+            fig.add_layout(marker)
+            self.markers.append(marker)
+            fig.add_tools(HoverTool(renderers=[line], tooltips=[("step", "@step"), ("t", "@t"), (column, f"@{column}{{0.0000}}")],
+                                    mode="vline"))
+            fig.on_event(Tap, held(self._on_tap))
+
+        state.param.watch(self._sync_controls, "step")
+        state.param.watch(self._on_step, "step")
+        state.param.watch(self._on_playing, "playing")
+        state.param.watch(self._on_fps, "fps")
+        self.store.param.watch(self._sync_controls, "run")
+        self.store.param.watch(self._on_run, "run")
+        self._sync_controls()
+        self._on_run()
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    def __panel__(self) -> Any:
+        return pn.Row(
+            pn.pane.Bokeh(self.image_fig),
+            pn.Column(pn.pane.Bokeh(self.norm_fig), pn.pane.Bokeh(self.cos_fig)),
+        )
+
+    # ---- updates -------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        self._on_run()
+
+    def shown(self) -> None:
+        if self.data is not None:
+            self._fill_frames()
+
+    def _sync_controls(self, *_: Any) -> None:
+        """The step controls are always on screen: keep them in step even while the figures are hidden."""
+        data = self.data
+        if data is None:
+            return
+        n = data.n_steps
+        step = min(self.state.step, n - 1)
+        with hold():
+            if self._formatted_for is not data:
+                self._formatted_for = data
+                self.slider.param.update(start=0, end=max(n - 1, 1), disabled=n < 2, format=CustomJSTickFormatter(
+                    args={"t": list(data.timesteps), "last": n - 1}, code=STEP_FORMAT))
+            if self.slider.value != step:
+                self.slider.value = step
+
+    @guarded
+    def _on_run(self, *_: Any) -> None:
+        data = self.data
+        if data is None:
+            self.curve_source.data = {"step": [], "norm": [], "cosine": [], "t": []}
+            return
+        n = data.n_steps
+        self.frames.reset(id(data), n, frame_bytes=4 * data.height * data.width)
+        set_image_extent(self.image_fig, data.height, data.width)
+        self.curve_source.data = {
+            "step": np.arange(n), "norm": data.metric_curve("latent_norm"),
+            "cosine": data.metric_curve("latent_cosine_prev"), "t": np.asarray(data.timesteps),
+        }
+        self._on_step()
+
+    @guarded
+    def _on_step(self, *_: Any) -> None:
+        data = self.data
+        if data is None:
+            return
+        step = min(self.state.step, data.n_steps - 1)
+        image = data.image(step)
+        h, w = image.shape[:2]
+        packed = rgba(image)
+        self.image_source.data = {"image": [packed], "x": [0], "y": [0], "dw": [w], "dh": [h], "step": [step]}
+        self.frames.put(step, {"image": packed})
+        self._fill_frames()
+        self.image_fig.title.text = f"x̂₀ preview · step {step} · t = {data.timesteps[step]}"
+        for marker in self.markers:
+            marker.location = step
+        curves = self.curve_source.data
+        self.current_source.data = {"step": [step], "norm": [curves["norm"][step]], "cosine": [curves["cosine"][step]]}
+
+    def _fill_frames(self) -> None:
+        self.filler.start(lambda: self.frames.missing(self.state.step), self._fill_frame, self._frames_key)
+
+    def _frames_key(self) -> Any:
+        return self.frames.key if self.active and self.frames.enabled else None
+
+    def _fill_frame(self, step: int) -> None:
+        try:
+            self.frames.put(step, {"image": rgba(self.data.image(step))})
+        except Exception:  # noqa: BLE001 - reported when that step is shown
+            self.frames.skip(step)
+
+    def _on_tap(self, event: Any) -> None:
+        data = self.data
+        if data is None or event.x is None:
+            return
+        self.state.step = int(np.clip(round(event.x), 0, data.n_steps - 1))
+
+    # ---- playback ------------------------------------------------------------------------------
+
+    def _on_playing(self, event: Any) -> None:
+        self.play.param.update(value=bool(event.new), label="⏸ Pause" if event.new else "▶ Play")
+        if event.new and self._callback is None:
+            self._callback = pn.state.add_periodic_callback(self._tick, period=self._period())
+        elif not event.new and self._callback is not None:
+            self._callback.stop()
+            self._callback = None
+
+    def _on_fps(self, event: Any) -> None:
+        if self.fps.value != event.new:
+            self.fps.value = event.new
+        if self._callback is not None:
+            self._callback.period = self._period()
+
+    def _period(self) -> int:
+        return max(int(round(1000 / max(self.state.fps, 1))), 10)
+
+    @reported
+    def _tick(self) -> None:
+        data = self.data
+        if data is None or not self.state.playing:
+            return
+        self.state.step = (self.state.step + 1) % data.n_steps
+        # Warm the reader's cache for the next frame once this one has been sent.
+        nxt = (self.state.step + 1) % data.n_steps
+        layer, kind = self.state.layer, self.state.kind
+        later(lambda: self._prefetch(data, nxt, layer, kind))
+
+    def _prefetch(self, data: Any, step: int, layer: str, kind: str) -> None:
+        try:
+            data.prefetch(step, layer, kind)
+        except Exception:  # noqa: BLE001 - a bad file is reported when that step is shown
+            pass

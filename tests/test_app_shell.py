@@ -1,0 +1,251 @@
+"""The dashboard shell and views in-process (no browser): loading, the banner, one state for all views, serve CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from app import serve, shell
+from app.shell import Dashboard
+from app.state import State
+from app.store import Store
+from tests.synthetic import write_synthetic_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shell")
+    common = dict(layers=2, tokens=5, r=8, s=4, image_size=16)
+    a = write_synthetic_run(root / "a", steps=6, prompt="a red circle", seed=0, **common)
+    b = write_synthetic_run(root / "b", steps=3, prompt="a blue square", seed=1, **common)
+    bad = root / "bad"
+    shutil.copytree(a, bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    meta["schema_version"] = 7
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    return {"a": a, "b": b, "bad": bad}
+
+
+def make(dataset: str, **state) -> Dashboard:
+    dash = Dashboard(state=State(dataset=dataset, **state), store=Store(cache_mb=8), sync_url=False)
+    dash.main()  # builds the tabs; the first tab (timeline) is the shown one
+    return dash
+
+
+def test_missing_default_shows_the_banner_and_empty_views(tmp_path):
+    dash = make(str(tmp_path / "nowhere"))
+    assert dash.banner.visible and "no such folder" in dash.banner.object
+    assert dash.store.run is None
+    assert list(dash.timeline.curve_source.data["step"]) == []
+    assert "No run loaded" in dash.run_info.object
+
+
+def test_failed_load_keeps_the_previous_run(runs):
+    dash = make(str(runs["a"]))
+    assert not dash.banner.visible
+    dash.state.step = 4
+    dash.state.dataset = str(runs["bad"])
+    assert dash.banner.visible and "schema_version 7 is not known" in dash.banner.object
+    assert dash.state.dataset == str(runs["a"])  # back to the run still shown
+    assert dash.store.run.label == str(runs["a"])
+    dash.state.step = 5
+    assert dash.timeline.image_source.data["step"] == [5]
+
+
+def test_loading_a_shorter_run_clamps_the_step(runs):
+    dash = make(str(runs["a"]))
+    dash.state.step = 5
+    dash.submit(str(runs["b"]))
+    assert dash.store.run.n_steps == 3 and dash.state.step == 2
+    assert dash.timeline.image_source.data["step"] == [2]
+    assert dash.timeline.slider.end == 2 and dash.timeline.slider.value == 2
+    assert "a blue square" in dash.run_info.object
+
+
+def test_one_state_moves_every_view_and_hidden_views_catch_up(runs):
+    dash = make(str(runs["a"]))
+    dash.state.step = 3
+    assert dash.timeline.image_source.data["step"] == [3]
+    # the attention tab is hidden: it skipped the update and refreshes when shown
+    assert dash.attention.image_source.data["step"] != [3]
+    dash.tabs.active = 1
+    assert dash.attention.image_source.data["step"] == [3]
+    assert dash.timeline.slider.value == 3  # the step controls always follow
+    dash.state.step = 1
+    assert dash.attention.image_source.data["step"] == [1]
+    assert dash.timeline.image_source.data["step"] == [3]
+    dash.tabs.active = 0
+    assert dash.timeline.image_source.data["step"] == [1]
+    dash.tabs.active = 2
+    assert dash.trajectory.current.data["step"] == [1]
+
+
+def test_slider_and_taps_write_the_state(runs):
+    dash = make(str(runs["a"]))
+    dash.timeline.slider.value = 2
+    assert dash.state.step == 2
+
+    class Tap:  # a bokeh Tap event's data coordinates
+        x, y = 4.2, 0.0
+
+    dash.timeline._on_tap(Tap)
+    assert dash.state.step == 4
+    coords = dash.store.run.pca_coords()
+    Tap.x, Tap.y = coords[1]
+    dash.tabs.active = 2
+    dash.trajectory._on_tap(Tap)
+    assert dash.state.step == 1
+
+
+def test_comparison_loads_and_clears(runs):
+    dash = make(str(runs["a"]), compare=str(runs["b"]))
+    assert dash.store.comparison is not None and not dash.store.comparison.ok
+    dash.tabs.active = 3
+    assert "step count differs: 6 vs 3" in dash.compare.status.object
+    dash.state.compare = ""
+    assert dash.store.comparison is None and "Load a second run" in dash.compare.status.object
+    dash.state.compare = "/definitely/not/here"
+    assert dash.banner.visible and "comparison run" in dash.banner.object and dash.state.compare == ""
+
+
+def test_bad_values_from_the_page_address_are_named(runs):
+    dash = make(str(runs["a"]))
+    dash._on_url_error({"step": -3, "token": 2, "layer": 1})  # the query parser turns "1" into a number
+    assert dash.state.token == 2 and dash.state.step == 0 and dash.state.layer == "1"
+    assert "step=-3" in dash.banner.object
+
+
+def test_a_broken_generator_panel_does_not_break_the_dashboard(runs, monkeypatch):
+    def broken():
+        raise RuntimeError("no bridge module")
+
+    monkeypatch.setattr(shell, "_generator_panel_class", broken)
+    dash = make(str(runs["a"]))
+    assert dash.generator is None and "Local generator panel unavailable" in dash.banner.object
+    assert [name for name, _ in dash.sections()] == ["Timeline", "Attention", "Trajectory", "Compare runs"]
+
+
+def test_playback_advances_and_stops(runs):
+    dash = make(str(runs["a"]))
+    dash.state.playing = True
+    dash.timeline._tick()
+    dash.timeline._tick()
+    assert dash.state.step == 2 and dash.timeline.image_source.data["step"] == [2]
+    dash.state.playing = False
+    dash.timeline._tick()
+    assert dash.state.step == 2
+
+
+def test_prefetch_warms_the_cache_for_the_next_step(runs):
+    data = Store(cache_mb=8).open(str(runs["a"]))
+    data.prefetch(3, "mean", "cross")
+    misses = data.run.cache_stats()["misses"]
+    data.image(3)
+    for layer in data.cross_layers:
+        data.run.cross(layer, 3)
+    assert data.run.cache_stats()["misses"] == misses and misses == 1 + len(data.cross_layers)
+
+
+def test_frames_hold_each_step_as_the_server_would_send_it(runs):
+    dash = make(str(runs["a"]))
+    dash.tabs.active = 1
+    dash.state.param.update(layer="1", token=2)
+    frames = dash.attention.heat_frames
+    assert frames.enabled and sorted(frames._ready) == list(range(6))  # filled at once without an event loop
+    rows = frames.source.data
+    for step in (0, 4):
+        dash.state.step = step
+        shown = dash.attention.heat_source.data
+        np.testing.assert_array_equal(rows["raw"][step], shown["raw"][0])
+        np.testing.assert_array_equal(rows["image"][step], shown["image"][0])
+        assert (rows["low"][step], rows["high"][step]) == (dash.attention.mapper.low, dash.attention.mapper.high)
+        np.testing.assert_array_equal(dash.attention.image_frames.source.data["image"][step],
+                                      dash.attention.image_source.data["image"][0])
+    dash.state.token = 3  # a new selection drops the frames and refills them
+    assert frames.key[2] == 3 and sorted(frames._ready) == list(range(6))
+    np.testing.assert_array_equal(frames.source.data["raw"][4], dash.attention.heat_source.data["raw"][0])
+    dash.state.aggregate = True  # the DAAM map does not change with the step: no frames
+    assert not frames.enabled and frames.source.data["ready"] == []
+
+
+# --------------------------------------------------------------------------- diffviz serve
+
+
+def test_serve_usage_errors_exit_2(tmp_path, capsys):
+    for argv in (["--port", "abc"], ["--port", "70000"], ["--dataset", str(tmp_path / "missing")], ["--cache-mb", "0"]):
+        with pytest.raises(SystemExit) as info:
+            serve.main(argv)
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "Traceback" not in err
+
+
+def test_serve_builds_the_panel_command():
+    args = serve._parser().parse_args(["--port", "5123", "--address", "127.0.0.1"])
+    cmd = serve.command(args)
+    assert cmd[1:4] == ["-m", "panel", "serve"] and cmd[4].endswith("app/main.py")
+    assert cmd[cmd.index("--port") + 1] == "5123" and "127.0.0.1:5123" in cmd
+    assert int(cmd[cmd.index("--websocket-max-message-size") + 1]) >= 256 * 2**20
+
+
+def test_playing_state_survives_a_missing_image(runs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["a"], broken)
+    (broken / "images/step_002.png").unlink()
+    dash = make(str(broken))
+    dash.state.step = 2
+    assert dash.banner.visible and "images/step_002.png" in dash.banner.object
+    dash.state.step = 3
+    assert dash.timeline.image_source.data["step"] == [3]
+    assert np.asarray(dash.timeline.image_source.data["image"][0]).shape == (16, 16)
+
+
+def test_clicking_the_js_heat_map_selects_step_and_layer(runs, tmp_path):
+    other = write_synthetic_run(tmp_path / "c", steps=6, layers=2, tokens=5, r=8, s=4, image_size=16, seed=5)
+    dash = make(str(runs["a"]), compare=str(other))
+    dash.tabs.active = 3
+    assert list(dash.compare.js_fig.y_range.factors) == ["L1", "L0"]  # L0 drawn at the top
+
+    class Tap:  # categorical y: factor k spans [k, k + 1]
+        x, y = 3.2, 0.5
+
+    dash.compare._on_js_tap(Tap)
+    assert dash.state.step == 3 and dash.state.layer == "1"
+    Tap.x, Tap.y = 4.9, 1.5
+    dash.compare._on_js_tap(Tap)
+    assert dash.state.step == 5 and dash.state.layer == "0"
+    assert dash.compare.figures.visible
+    dash.state.compare = ""
+    assert not dash.compare.figures.visible
+
+
+@pytest.mark.parametrize("kind", ["cross", "self"])
+def test_runs_recording_only_one_kind_work_without_errors(kind, tmp_path):
+    run = write_synthetic_run(tmp_path / kind, steps=4, layers=2, tokens=5, r=8, s=4, image_size=16,
+                              cross=kind == "cross", self_attention=kind == "self")
+    dash = make(str(run))
+    dash.tabs.active = 1
+    for k in ("cross", "self"):
+        dash.state.kind = k
+        for step in range(4):
+            dash.state.step = step
+    assert not dash.banner.visible, dash.banner.object
+    missing = "self" if kind == "cross" else "cross"
+    dash.state.kind = missing
+    assert dash.attention.overlay.title.text == f"this run recorded no {missing}-attention maps"
+    dash.state.kind = kind
+    assert dash.attention.overlay.title.text.startswith(kind)
+    if kind == "self":
+        assert list(dash.attention.share_source.data["share"]) == []
+
+
+def test_compare_run_from_a_picked_folder(runs):
+    dash = make(str(runs["a"]))
+    root = runs["b"]
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    dash.compare.folder.filename = [f"b/{p.relative_to(root).as_posix()}" for p in paths]
+    dash.compare.folder.value = [p.read_bytes() for p in paths]
+    assert dash.state.compare == "upload:b"
+    assert dash.store.other is not None and dash.store.other.prompt == "a blue square"

@@ -1,0 +1,259 @@
+"""The dashboard's store (no UI): sources, resampling, token/word maps, aggregates, probe, comparison."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis.divergence import map_js_divergence
+from analysis.trajectory import pca_2d, project
+from app.state import ALL_LAYERS
+from app.store import Comparison, RunData, Store, files_from_upload, resize, resolve_source
+from export.contract import DatasetError
+from tests.synthetic import write_synthetic_run
+
+STEPS, RES = 5, [8, 8, 4]
+
+
+def read_bin(run: Path, rel: str) -> np.ndarray:
+    shape = json.loads((run / "metadata.json").read_text())["files"][rel]["shape"]
+    return np.fromfile(run / rel, dtype="<f2").reshape(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    common = dict(steps=STEPS, layers=3, tokens=7, r=8, s=4, layer_resolutions=RES, image_size=16)
+    a = write_synthetic_run(root / "a", prompt="a red circle", seed=0, **common)
+    b = write_synthetic_run(root / "b", prompt="a blue circle", seed=1, **common)
+    no_latents = write_synthetic_run(root / "c", prompt="a red circle", seed=2, save_latents=False, **common)
+    short = write_synthetic_run(root / "d", prompt="a red circle", seed=3, **{**common, "steps": 3})
+    return {"a": a, "b": b, "c": no_latents, "d": short, "root": root}
+
+
+@pytest.fixture
+def store():
+    return Store(cache_mb=8)
+
+
+def pil_bilinear(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(m, np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+# --------------------------------------------------------------------------- resampling and sources
+
+
+@pytest.mark.parametrize("shape,out", [((4, 4), (8, 8)), ((8, 8), (32, 32)), ((3, 5), (12, 20)), ((6, 6), (6, 6))])
+def test_resize_matches_pil_bilinear_when_upsampling(shape, out):
+    m = np.random.default_rng(0).random(shape).astype(np.float32)
+    np.testing.assert_allclose(resize(m, *out), pil_bilinear(m, *out), atol=1e-6)
+
+
+def test_resize_keeps_the_mean_of_a_constant_and_copies_same_size():
+    m = np.full((4, 4), 0.25, np.float32)
+    np.testing.assert_allclose(resize(m, 16, 16), 0.25)
+    same = resize(m, 4, 4)
+    assert same is not m and np.array_equal(same, m)
+
+
+def test_resolve_source_forms(runs, tmp_path):
+    assert resolve_source(str(runs["a"])) == str(runs["a"])
+    assert resolve_source("https://host/run/") == "https://host/run/"
+    uploads = {"myrun": {"myrun/metadata.json": b"{}"}}
+    assert resolve_source("upload:myrun", uploads) is uploads["myrun"]
+    with pytest.raises(DatasetError, match="no such folder"):
+        resolve_source(str(tmp_path / "missing"))
+    with pytest.raises(DatasetError, match="not in this session"):
+        resolve_source("upload:gone", uploads)
+    with pytest.raises(DatasetError, match="no dataset"):
+        resolve_source("  ")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        resolve_source(str(tmp_path / "file.txt"))
+
+
+def test_upload_keeps_paths_and_names_the_folder(runs, store):
+    names = ["run_x/metadata.json", "run_x/images/step_000.png"]
+    folder, files = files_from_upload(names, [b"{}", b"png"])
+    assert folder == "run_x" and set(files) == set(names)
+    with pytest.raises(DatasetError, match="empty"):
+        files_from_upload([], [])
+    # a real folder, uploaded as the browser would send it, opens through the reader
+    root = runs["a"]
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    label = store.add_upload([f"a/{p.relative_to(root).as_posix()}" for p in paths], [p.read_bytes() for p in paths])
+    assert label == "upload:a"
+    data = store.open(label)
+    assert data.n_steps == STEPS and np.array_equal(data.image(2), np.asarray(Image.open(root / "images/step_002.png").convert("RGB")))
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def test_open_reads_the_json_and_labels(runs, store):
+    data = store.open(str(runs["a"]))
+    assert data.n_steps == STEPS and data.cross_layers == [0, 1, 2] and data.cross_grid == (8, 8)
+    assert data.self_grid == 4 and data.self_side(2) == 4
+    groups = data.layer_groups()
+    assert groups["All layers"] == {"all layers (mean at 8×8)": ALL_LAYERS}
+    assert groups["down_blocks.2 · 4×4"] == {"L2 · attn 0 · tb 0": "2"}
+    assert data.layer_values() == [ALL_LAYERS, "0", "1", "2"]
+    # synthetic tokens: <start> a red circle a red <end>; "a" and "red" repeat as separate words
+    options = data.token_options(merge=False)
+    assert list(options.values()) == list(range(7))
+    assert data.token_text(0) == "<start>" and data.token_text(2) == "red"
+
+
+def test_word_merge_sums_the_sub_word_maps(runs, store):
+    data = store.open(str(runs["a"]))
+    meta = data.metadata
+    meta["tokens"][3]["word"] = meta["tokens"][2]["word"]  # pretend "red" + "circle" are one word
+    word = [i for i, t in enumerate(meta["tokens"]) if t["word"] == meta["tokens"][2]["word"]]
+    assert 3 in word and data.token_indices(2, True) == word and data.token_indices(2, False) == [2]
+    maps = read_bin(runs["a"], "attention/cross/layer_1_step_002.bin")
+    np.testing.assert_allclose(data.cross_map("1", 2, 2, True), maps[word].sum(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(data.cross_map("1", 2, 2, False), maps[2])
+    merged = data.token_options(merge=True)
+    assert any("red + circle" in label for label in merged) and 3 not in merged.values()
+    assert data.canonical_token(3, True) == 2
+
+
+def test_one_layer_map_is_the_file_and_mean_is_the_resampled_average(runs, store):
+    data = store.open(str(runs["a"]))
+    for layer in range(3):
+        np.testing.assert_array_equal(data.cross_map(str(layer), 3, 4, False),
+                                      read_bin(runs["a"], f"attention/cross/layer_{layer}_step_003.bin")[4])
+    maps = [read_bin(runs["a"], f"attention/cross/layer_{layer}_step_003.bin")[4] for layer in range(3)]
+    expected = np.mean([pil_bilinear(m, 8, 8) for m in maps], axis=0)
+    np.testing.assert_allclose(data.cross_map(ALL_LAYERS, 3, 4, False), expected, atol=1e-6)
+
+
+def test_aggregate_is_daam_mean_over_layers_and_steps(runs, store):
+    data = store.open(str(runs["a"]))
+    expected = np.mean([np.mean([pil_bilinear(read_bin(runs["a"], f"attention/cross/layer_{l}_step_{s:03d}.bin")[3], 8, 8)
+                                 for l in range(3)], axis=0) for s in range(1, 4)], axis=0)
+    np.testing.assert_allclose(data.aggregate_map(3, False, 1, 3), expected, atol=1e-6)
+    np.testing.assert_allclose(data.aggregate_map(3, False, 3, 1), expected, atol=1e-6)  # order-free
+    with pytest.raises(DatasetError, match="outside"):
+        data.aggregate_map(3, False, 0, STEPS)
+
+
+def test_probe_is_the_query_row_of_the_self_map(runs, store):
+    data = store.open(str(runs["a"]))
+    full = read_bin(runs["a"], "attention/self/layer_0_step_001.bin")
+    # (x=0.9, y=0.3) on a 4x4 grid: column 3, row 1
+    np.testing.assert_array_equal(data.probe_map("0", 1, 0.9, 0.3), full[1 * 4 + 3].reshape(4, 4))
+    assert data.probe_map(ALL_LAYERS, 1, 0.9, 0.3).shape == (4, 4)
+    np.testing.assert_allclose(data.probe_map(ALL_LAYERS, 1, 0.9, 0.3).sum(), 1.0, atol=2e-2)
+
+
+def test_token_share_and_metrics_views(runs, store):
+    data = store.open(str(runs["a"]))
+    maps = read_bin(runs["a"], "attention/cross/layer_2_step_004.bin")
+    mass = maps.sum(axis=(1, 2))
+    np.testing.assert_allclose(data.token_share("2", 4), mass / mass.sum(), rtol=1e-6)
+    metrics = json.loads((runs["a"] / "metrics.json").read_text())
+    names, values = data.entropy_by_layer(4)
+    assert names == ["L0", "L1", "L2"]
+    np.testing.assert_allclose(values, [row[4] for row in metrics["entropy"]["per_layer"]])
+    np.testing.assert_allclose(data.kl_curve("1"), metrics["kl_consecutive"]["per_layer"][1])
+    np.testing.assert_allclose(data.kl_curve(ALL_LAYERS), metrics["kl_consecutive"]["mean"])
+
+
+def test_bad_inputs_raise_one_line_errors(runs, store):
+    data = store.open(str(runs["a"]))
+    with pytest.raises(DatasetError, match="step 9 is outside"):
+        data.cross_map("0", 9, 1, False)
+    with pytest.raises(DatasetError, match="layer 7 has no cross"):
+        data.cross_map("7", 0, 1, False)
+    with pytest.raises(DatasetError, match="token 40"):
+        data.cross_map("0", 0, 40, False)
+
+
+def test_schema_failures_are_named(runs, store, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["a"], bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    meta["run"]["cfg_scale"] = "high"
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="metadata.json fails validation: run/cfg_scale"):
+        store.open(str(bad))
+
+
+def test_cache_bound_holds_while_stepping_everything(runs):
+    store = Store(cache_mb=1)
+    data = store.open(str(runs["a"]))
+    for step in range(STEPS):
+        for layer in range(3):
+            data.cross_map(str(layer), step, 1, False)
+            data.probe_map(str(layer), step, 0.5, 0.5)
+        data.image(step)
+    stats = data.run.cache_stats()
+    assert stats["max_bytes"] == 2**20 and 0 < stats["bytes"] <= stats["max_bytes"]
+
+
+# --------------------------------------------------------------------------- two runs
+
+
+def test_comparison_js_matches_analysis(runs, store):
+    a, b = store.open(str(runs["a"])), store.open(str(runs["b"]))
+    comparison = Comparison(a, b)
+    assert comparison.ok and comparison.differences == []
+    assert [p[2] for p in comparison.pairs] == ["<start>", "a", "red/blue", "circle", "a", "red/blue", "<end>"]
+    per_token, grid = comparison.js()
+    assert per_token.shape == (STEPS, 3, 7) and grid.shape == (STEPS, 3)
+    words = [i for i, t in enumerate(a.tokens) if not t["special"]]
+    for step in (0, 4):
+        for layer in range(3):
+            rel = f"attention/cross/layer_{layer}_step_{step:03d}.bin"
+            expected = map_js_divergence(read_bin(runs["a"], rel), read_bin(runs["b"], rel))
+            np.testing.assert_allclose(per_token[step, layer], expected, rtol=1e-12)
+            assert grid[step, layer] == pytest.approx(expected[words].mean(), rel=1e-12)
+
+
+def test_shared_pca_basis_when_both_have_latents(runs, store):
+    a, b = store.open(str(runs["a"])), store.open(str(runs["b"]))
+    ca, cb, evr, how = Comparison(a, b).trajectories()
+    la = np.load(runs["a"] / "latents_noise_fp16.npz")["latents"][1:].astype(np.float32).astype(np.float64)
+    lb = np.load(runs["b"] / "latents_noise_fp16.npz")["latents"][1:].astype(np.float32).astype(np.float64)
+    fit = pca_2d(np.concatenate([la.reshape(STEPS, -1), lb.reshape(STEPS, -1)]))
+    np.testing.assert_allclose(ca, project(la, fit), atol=1e-9)
+    np.testing.assert_allclose(cb, project(lb, fit), atol=1e-9)
+    assert "both runs' latents" in how and 0 < evr[0] <= 1
+    values, label, _how = Comparison(a, b).latent_delta()
+    np.testing.assert_allclose(values, np.linalg.norm((la - lb).reshape(STEPS, -1), axis=1), rtol=1e-9)
+
+
+def test_without_latents_the_fallback_is_said(runs, store):
+    a, c = store.open(str(runs["a"])), store.open(str(runs["c"]))
+    ca, cc, evr, how = Comparison(a, c).trajectories()
+    assert "no shared basis" in how and "latents_noise_fp16.npz" in how
+    np.testing.assert_allclose(ca, a.pca_coords())
+    assert np.isnan(evr[0])
+    values, label, how = Comparison(a, c).latent_delta()
+    np.testing.assert_allclose(values, a.metric_curve("latent_norm") - c.metric_curve("latent_norm"))
+    assert "no latents file" in how
+
+
+def test_incomparable_runs_list_the_differences(runs, store):
+    comparison = Comparison(store.open(str(runs["a"])), store.open(str(runs["d"])))
+    assert not comparison.ok
+    assert any("step count differs: 5 vs 3" in d for d in comparison.differences)
+    per_token, grid = comparison.js()
+    assert np.isnan(grid).all()
+
+
+def test_store_params_update_together(runs, store):
+    seen = []
+    store.param.watch(lambda *events: seen.append(sorted(e.name for e in events)), ["run", "comparison"])
+    store.set_run(store.open(str(runs["a"])))
+    store.set_other(store.open(str(runs["b"])))
+    assert store.comparison is not None and store.comparison.b is store.other
+    store.set_other(None)
+    assert store.comparison is None
+    assert seen[0] == ["run"] and ["comparison"] in seen
+    assert isinstance(store.run, RunData)
