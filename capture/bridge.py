@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote, urlsplit
 
+from capture.cli import OneLineParser, fail, parse
+
 PROG = "diffviz bridge"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -774,17 +776,8 @@ def _quiet_run(coro) -> None:
 # =========================================================================== CLI
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run the local generator bridge: the dashboard's 'Local generator' panel "
+    p = OneLineParser(prog=PROG, description="Run the local generator bridge: the dashboard's 'Local generator' panel "
                                        "starts generations through it and opens the results. Listens on 127.0.0.1 only.",
                 epilog="example: diffviz bridge --port 8765 --datasets datasets --allow-origin https://USER.github.io")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port on 127.0.0.1 (default %(default)s)")
@@ -799,18 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: Any, code: int) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return code
+    return fail(PROG, message, code)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as exc:
-        return _fail(exc, 2)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     if not 0 <= args.port <= 65535:
         return _fail(f"--port: must be in [0, 65535], got {args.port}", 2)
     datasets = Path(args.datasets).expanduser()

@@ -20,14 +20,32 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: …``), for every capture command."""
+
     def error(self, message):  # one line, no usage block
         raise UsageError(message)
 
 
+def fail(prog: str, message: object, code: int) -> int:
+    """Print ``PROG: error: MESSAGE`` on one line and return the exit code."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code: 2 after a one-line usage error, 0 after --help."""
+    try:
+        return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        return fail(parser.prog, exc, 2)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = GenerateConfig(prompt="")
-    p = _Parser(prog=PROG, description="Record what a Stable Diffusion pipeline does at every denoising step.",
+    p = OneLineParser(prog=PROG, description="Record what a Stable Diffusion pipeline does at every denoising step.",
                 epilog=EXAMPLE)
     onoff = argparse.BooleanOptionalAction
     p.add_argument("--prompt", required=True, help="the text prompt (required)")
@@ -75,19 +93,14 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     return GenerateConfig(**values)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return code
+def _fail(message: object, code: int) -> int:
+    return fail(PROG, message, code)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as exc:
-        return _fail(exc, 2)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     from capture.config import ConfigError
 
     try:

@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import panel as pn
 from bokeh.events import Tap
-from bokeh.models import BasicTickFormatter, ColorBar, ColumnDataSource, FactorRange, HoverTool, LinearColorMapper, Span
-from bokeh.plotting import figure
+from bokeh.models import BasicTickFormatter, ColorBar, ColumnDataSource, LinearColorMapper, Span
 
 from app.state import ALL_LAYERS
 from app.store import resize
-from app.views.common import (ACCENT, PALETTES, View, curve_figure, guarded, held, image_figure, later, rgba, rgba_source,
-                              set_image_extent, style)
+from app.views.common import (ACCENT, PALETTES, View, bar_figure, curve_figure, guarded, held, image_figure, later, rgba, rgba_source,
+                              set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
 
 #: Longest side of the upsampled heat map sent for display.
@@ -115,21 +114,13 @@ class AttentionView(View):
 
         # ---- bars: token share and entropy per layer; KL across steps
         self.share_source = ColumnDataSource(name="attention-share", data={"token": [], "share": [], "color": [], "index": []})
-        self.share_fig = figure(name="attention-share-figure", title="Token share of attention", x_range=FactorRange(),
-                                height=230, width=420, tools="", toolbar_location=None)
-        self.share_fig.vbar(x="token", top="share", width=0.8, source=self.share_source, color="color")
-        self.share_fig.add_tools(HoverTool(tooltips=[("token", "@token"), ("share", "@share{0.000}")]))
-        self.share_fig.yaxis.axis_label = "share of prompt tokens' mass"
-        self.share_fig.xaxis.major_label_orientation = 0.7
-        style(self.share_fig)
+        self.share_fig = bar_figure("attention-share-figure", "Token share of attention", self.share_source,
+                                    x="token", top="share", y_label="share of prompt tokens' mass", fmt="0.000")
 
         self.entropy_source = ColumnDataSource(name="attention-entropy", data={"layer": [], "entropy": [], "color": []})
-        self.entropy_fig = figure(name="attention-entropy-figure", title="Entropy per layer (normalised)", x_range=FactorRange(),
-                                  height=230, width=420, tools="", toolbar_location=None, y_range=(0, 1.02))
-        self.entropy_fig.vbar(x="layer", top="entropy", width=0.8, source=self.entropy_source, color="color")
-        self.entropy_fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("entropy", "@entropy{0.000}")]))
-        self.entropy_fig.yaxis.axis_label = "H / ln K"
-        style(self.entropy_fig)
+        self.entropy_fig = bar_figure("attention-entropy-figure", "Entropy per layer (normalised)", self.entropy_source,
+                                      x="layer", top="entropy", y_label="H / ln K", fmt="0.000", rotate=False,
+                                      y_range=(0, 1.02))
 
         self.kl_source = ColumnDataSource(name="attention-kl", data={"step": [], "kl": []})
         self.kl_fig = curve_figure("attention-kl-figure", "KL between consecutive steps", "KL(p_s ‖ p_s−1), nats", height=230, width=420)
@@ -425,7 +416,7 @@ class AttentionView(View):
         self.entropy_fig.title.text = f"Entropy per layer (normalised) · step {step}"
 
     def _update_kl(self) -> None:
-        data, state = self.data, self.state
+        data = self.data
         layer = self._layer_for("cross")
         curve = data.kl_curve(layer)
         if curve is None:

@@ -18,7 +18,7 @@ import panel as pn
 import param
 from bokeh import palettes
 from bokeh.core.property.validation import validate
-from bokeh.models import ColumnDataSource, Range1d
+from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d
 from bokeh.plotting import figure
 
 from panel.io.document import hold
@@ -216,4 +216,17 @@ def curve_figure(name: str, title: str, y_label: str, height: int = 180, width: 
     fig.xaxis.axis_label = "step"
     fig.yaxis.axis_label = y_label
     fig.grid.grid_line_alpha = 0.4
+    return style(fig)
+
+
+def bar_figure(name: str, title: str, source: ColumnDataSource, *, x: str, top: str, y_label: str, fmt: str,
+               color: str = "color", height: int = 230, width: int = 420, rotate: bool = True, **kwargs: Any) -> Any:
+    """A categorical bar chart over ``source[x]`` with a hover on ``top`` (bokeh number format ``fmt``)."""
+    fig = figure(name=name, title=title, x_range=FactorRange(), height=height, width=width, tools="",
+                 toolbar_location=None, **kwargs)
+    fig.vbar(x=x, top=top, width=0.8, source=source, color=color)
+    fig.add_tools(HoverTool(tooltips=[(x, f"@{x}"), (top, f"@{top}{{{fmt}}}")]))
+    fig.yaxis.axis_label = y_label
+    if rotate:
+        fig.xaxis.major_label_orientation = 0.7
     return style(fig)

@@ -20,7 +20,7 @@ from bokeh.models import ColorBar, ColumnDataSource, FactorRange, HoverTool, Lin
 from bokeh.plotting import figure
 
 from app.state import ALL_LAYERS
-from app.views.common import (ACCENT, CSS, PALETTES, RUN_COLOURS, View, held, reported, curve_figure, guarded, image_figure, rgba,
+from app.views.common import (ACCENT, CSS, PALETTES, RUN_COLOURS, View, bar_figure, held, reported, curve_figure, guarded, image_figure, rgba,
                               rgba_source, set_image_extent, style)
 
 
@@ -60,13 +60,8 @@ class CompareView(View):
 
         # ---- per-token JS at the current step/layer
         self.token_source = ColumnDataSource(name="compare-token-js", data={"token": [], "js": []})
-        self.token_fig = figure(name="compare-token-js-figure", title="Per-token JS divergence", x_range=FactorRange(),
-                                width=420, height=300, tools="", toolbar_location=None)
-        self.token_fig.vbar(x="token", top="js", width=0.8, source=self.token_source, color="#8172b3")
-        self.token_fig.add_tools(HoverTool(tooltips=[("token", "@token"), ("JS", "@js{0.0000}")]))
-        self.token_fig.yaxis.axis_label = "JS (bits)"
-        self.token_fig.xaxis.major_label_orientation = 0.7
-        style(self.token_fig)
+        self.token_fig = bar_figure("compare-token-js-figure", "Per-token JS divergence", self.token_source,
+                                    x="token", top="js", y_label="JS (bits)", fmt="0.0000", color="#8172b3", height=300)
 
         # ---- trajectories on a shared basis
         self.pca_sources = [ColumnDataSource(name=f"compare-pca-{k}", data={"x": [], "y": [], "step": []}) for k in "ab"]

@@ -471,7 +471,6 @@ def random_twin(pipe):
 
     The VAE, tokenizer and scheduler stay (they hold no attention); ``pipe`` itself is not changed.
     """
-    import torch
     from diffusers import StableDiffusionPipeline
     from .architecture import build_pipeline
     fresh = build_pipeline(text_layers=pipe.text_encoder.config.num_hidden_layers, seed=12345)

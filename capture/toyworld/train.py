@@ -233,7 +233,6 @@ def train_unet(pipe, *, steps: int | None, time_budget: float | None, batch: int
                workers: int = 0, checkpoint: str | None = None, checkpoint_every: float = 60.0,
                record: dict | None = None, warmup: int = 200, min_snr: float = 5.0,
                hard_stop: float | None = None, probe_steps: int = 150) -> dict:
-    import torch.nn.functional as F
     from . import probe
 
     unet, te, vae, sched = pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler
