@@ -3,6 +3,7 @@ real bridge on a free loopback port (in this process), and the app's promise nev
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import subprocess
@@ -15,6 +16,14 @@ import pytest
 
 from app import bridge_client
 from app.bridge_client import BridgeClient, BridgeError, describe, normalise_base
+
+
+def run_async(coro):
+    """``asyncio.run`` on a thread of its own: the browser tests' Playwright session keeps an event loop
+    running on the main thread for the rest of the pytest process."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"max_layers": 1, "attention_resolution": 8, "self_attention_resolution": 4}
@@ -63,18 +72,18 @@ def bridge_url(tmp_path_factory):
 
 def test_client_talks_to_the_bridge(bridge_url: str) -> None:
     client = BridgeClient(bridge_url)
-    info = asyncio.run(client.info())
+    info = run_async(client.info())
     assert info["service"] == "diffviz-bridge" and info["models"][0]["value"] == "default"
     with pytest.raises(BridgeError) as refused:
-        asyncio.run(client.submit({"prompt": "x", "num_steps": 0}))
+        run_async(client.submit({"prompt": "x", "num_steps": 0}))
     assert refused.value.status == 400 and refused.value.field == "num_steps" and "num" in str(refused.value)
     with pytest.raises(BridgeError) as missing:
-        asyncio.run(client.job("0123456789ab"))
+        run_async(client.job("0123456789ab"))
     assert missing.value.status == 404
     with pytest.raises(BridgeError) as down:
-        asyncio.run(BridgeClient(f"http://127.0.0.1:{_closed_port()}").info())
+        run_async(BridgeClient(f"http://127.0.0.1:{_closed_port()}").info())
     assert down.value.unreachable and "unreachable" in str(down.value)
-    assert asyncio.run(client.runs()) == []
+    assert run_async(client.runs()) == []
 
 
 def test_the_panel_generates_watches_and_opens_the_run(bridge_url: str) -> None:
@@ -123,7 +132,7 @@ def test_the_panel_generates_watches_and_opens_the_run(bridge_url: str) -> None:
             await asyncio.sleep(0.1)
         return seen
 
-    seen = asyncio.run(scenario())
+    seen = run_async(scenario())
     assert panel.job["state"] == "done", panel.job
     assert panel.progress.value == BAR_MAX
     bars = [bar for _f, bar, _s in seen]
@@ -171,13 +180,13 @@ def test_the_pyodide_branch_uses_pyfetch(bridge_url: str, monkeypatch) -> None:
     monkeypatch.setattr(bridge_client, "IN_BROWSER", True)
 
     client = BridgeClient(bridge_url)
-    assert asyncio.run(client.info())["service"] == "diffviz-bridge"
+    assert run_async(client.info())["service"] == "diffviz-bridge"
     with pytest.raises(BridgeError) as refused:
-        asyncio.run(client.submit({"prompt": "x", "seed": -4}))
+        run_async(client.submit({"prompt": "x", "seed": -4}))
     assert refused.value.field == "seed" and refused.value.status == 400
     method, url, headers, body = calls[-1]
     assert method == "POST" and url == f"{bridge_url}/jobs" and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {"prompt": "x", "seed": -4}
     with pytest.raises(BridgeError) as down:
-        asyncio.run(BridgeClient(f"http://127.0.0.1:{_closed_port()}").info())
+        run_async(BridgeClient(f"http://127.0.0.1:{_closed_port()}").info())
     assert down.value.unreachable and "--allow-origin" in str(down.value)
