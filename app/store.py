@@ -345,31 +345,25 @@ class RunData:
         step = self._check_step(step)
         if str(layer) != ALL_LAYERS:
             return np.asarray(self.run.cross(self._layer_index(layer, "cross"), step), np.float32)
-        key = ("mean", step)
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
+        return self._memoised(("mean", step), lambda: self._layer_mean(step))
+
+    def _layer_mean(self, step: int) -> np.ndarray:
         h, w = self.cross_grid
         acc = np.zeros((len(self.tokens), h, w), np.float32)
         for index in self.cross_layers:
             acc += resize(self.run.cross(index, step), h, w)
-        result = acc / max(len(self.cross_layers), 1)
-        self._remember(key, result)
-        return result
+        return acc / max(len(self.cross_layers), 1)
 
     def aggregate_all(self, first: int, last: int) -> np.ndarray:
         """Every token's DAAM map ``[T, r, r]``: the all-layer mean averaged over steps ``first..last``."""
         first, last = sorted((self._check_step(first), self._check_step(last)))
-        key = ("aggregate", first, last)
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
+        return self._memoised(("aggregate", first, last), lambda: self._step_mean(first, last))
+
+    def _step_mean(self, first: int, last: int) -> np.ndarray:
         acc = np.zeros((len(self.tokens),) + tuple(self.cross_grid), np.float32)
         for step in range(first, last + 1):
             acc += self.cross_all_tokens(ALL_LAYERS, step)
-        result = acc / (last - first + 1)
-        self._remember(key, result)
-        return result
+        return acc / (last - first + 1)
 
     def aggregate_map(self, token: int, merge: bool, first: int, last: int) -> np.ndarray:
         """DAAM's word heat map: the token's map averaged over all cross layers (at ``cross_grid``) and steps ``first..last``."""
@@ -377,10 +371,15 @@ class RunData:
             raise DatasetError("this run has no cross-attention maps")
         return self.aggregate_all(first, last)[self.token_indices(token, merge)].sum(axis=0)
 
-    def _remember(self, key: tuple, value: np.ndarray) -> None:
-        self._memo[key] = value
+    def _memoised(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()``'s result, kept for the last ``MEMO_ITEMS`` keys (least recently used goes first)."""
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        value = self._memo[key] = compute()
         while len(self._memo) > self.MEMO_ITEMS:
             self._memo.popitem(last=False)
+        return value
 
     def token_share(self, layer: str | int, step: int) -> np.ndarray:
         """Each prompt token's share of the stored attention mass at ``layer``/``step`` (sums to 1)."""
