@@ -27,6 +27,7 @@ from capture import pipeline as pipeline_mod  # noqa: E402
 from capture.bridge import Bridge, BridgeServer, ModelAllowList, Origins, RequestError  # noqa: E402
 from export import reader, validate  # noqa: E402
 from export.writer import RunWriter  # noqa: E402
+from tests.loopback import free_port  # noqa: E402
 from tests.synthetic import write_synthetic_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,9 +482,7 @@ def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsy
 
 def test_the_command_listens_on_loopback_only_and_stops_on_sigterm(tmp_path: Path) -> None:
     psutil = pytest.importorskip("psutil")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "bridge.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "diffviz", "bridge", "--port", str(port), "--datasets",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import socket
 import subprocess
 import sys
 import types
@@ -16,6 +15,7 @@ import pytest
 
 from app import bridge_client
 from app.bridge_client import BridgeClient, BridgeError, describe, normalise_base
+from tests.loopback import free_port
 
 
 def run_async(coro):
@@ -51,9 +51,7 @@ def test_addresses_and_job_descriptions() -> None:
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 # --------------------------------------------------------------------------- against a real bridge

@@ -7,7 +7,6 @@ import http.server
 import json
 import shutil
 import sys
-import threading
 import types
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from export import contract, reader
 from export.contract import DatasetError
 from export.reader import BytesSource, LRUCache, URLSource, compatible, open_run
 from export.writer import RunWriter
+from tests.loopback import serving
 from tests.synthetic import write_synthetic_run
 
 STEPS, LAYERS, TOKENS, R, S = 3, 2, 5, 8, 4
@@ -39,13 +39,8 @@ def run_dir(runs):
 
 @pytest.fixture(scope="module")
 def server(runs):
-    handler = functools.partial(_QuietHandler, directory=str(runs))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(functools.partial(_QuietHandler, directory=str(runs))) as base:
+        yield base
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import tomllib
 import zipfile
 from importlib import metadata
@@ -23,6 +22,8 @@ from urllib.parse import urljoin
 
 import numpy as np
 import pytest
+
+from tests.loopback import serving
 from packaging.requirements import Requirement
 
 import app.site as site
@@ -162,10 +163,8 @@ def test_reader_url_source_reads_the_site_over_http(built: Path) -> None:
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        worker_url = f"http://127.0.0.1:{server.server_address[1]}/app.js"
+    with serving(Handler) as base:
+        worker_url = f"{base}/app.js"
         url = urljoin(worker_url, "datasets/default")
         remote = open_run(url)
         assert isinstance(remote.source, URLSource)
@@ -185,9 +184,6 @@ def test_reader_url_source_reads_the_site_over_http(built: Path) -> None:
         remote.cross(1, 2)  # cached: no new request
         assert len(requests) == 6
         assert all(rng is None for _, rng in requests), "the reader must not send Range requests"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ============================================================================ bad input

@@ -17,16 +17,16 @@ import functools
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from tests.loopback import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # ``tests.synthetic`` and the project packages
@@ -65,12 +65,6 @@ def browser_context_args(browser_context_args: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -167,17 +161,8 @@ class _QuietCORSHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def run_static_server(directory: str | Path) -> Iterator[str]:
-    handler = functools.partial(_QuietCORSHandler, directory=str(directory))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def run_static_server(directory: str | Path) -> contextlib.AbstractContextManager[str]:
+    return serving(functools.partial(_QuietCORSHandler, directory=str(directory)))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import ROOT, free_port, stop_process, wait_http
+from tests.browser.conftest import ROOT, stop_process, wait_http
+from tests.loopback import free_port
 from tests.synthetic import write_synthetic_run
 
 pytest.importorskip("torch")
