@@ -9,13 +9,14 @@ PORT ?= 5006
 DEMO_DIR ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench site venv chromium clean help
+.PHONY: demo test bench site datasets venv chromium clean help
 
 help:
 	@echo "make demo   - set up, generate a run with the embedded default model, serve the dashboard"
 	@echo "make test   - set up (venv, Chromium) and run the whole test suite"
 	@echo "make bench  - run the benchmarks and print their ratios"
 	@echo "make site   - build the static Pyodide site into site/"
+	@echo "make datasets - re-record the shipped runs datasets/default and datasets/compare"
 
 venv: $(VENV)/.installed
 
@@ -57,6 +58,16 @@ test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 
 bench: venv chromium
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# The shipped runs: same seed, two prompts that differ in one word.
+DATASET_SEED ?= 4
+datasets: venv
+	$(VENV)/bin/diffviz generate --prompt "a red circle and a blue square" --seed $(DATASET_SEED) \
+	  --output-dir datasets/default --overwrite-output --quiet
+	$(VENV)/bin/diffviz generate --prompt "a red triangle and a blue square" --seed $(DATASET_SEED) \
+	  --output-dir datasets/compare --overwrite-output --quiet
+	$(VENV)/bin/diffviz validate datasets/default --strict
+	$(VENV)/bin/diffviz validate datasets/compare --strict
 
 site: venv
 	$(VENV)/bin/diffviz build-site --out site

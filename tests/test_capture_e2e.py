@@ -209,17 +209,17 @@ def test_killed_mid_write_leaves_the_old_run_intact(tmp_path):
 
 def test_uneven_pooling_warns_and_still_validates(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["--prompt", "a red circle", "--num-steps", "2", "--attention-resolution", "12",
+    code = cli.main(["--prompt", "a red circle", "--num-steps", "2", "--attention-resolution", "6",
                      "--self-attention-resolution", "16", "--max-layers", "3", "--quiet", "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
     assert validate_run(out, strict=True) == []
     r = open_run(out)
-    uneven = [layer for layer in r.layers if layer["native"][0] > 12 and layer["native"][0] % 12]
-    assert uneven, "the default model should have a grid that 12 does not divide"
+    uneven = [layer for layer in r.layers if layer["native"][0] > 6 and layer["native"][0] % 6]
+    assert uneven, "the default model should have a grid that 6 does not divide"
     for layer in uneven:
         n = layer["native"][0]
-        assert f"warning: layer {layer['name']}: native grid {n}x{n} does not divide into 12x12" in err
-    # pooled down to 12, never up: smaller grids stay native
-    assert [layer["cross_shape"][1:] for layer in r.layers] == [[min(layer["native"][0], 12)] * 2 for layer in r.layers]
-    assert any(layer["native"][0] < 12 for layer in r.layers)
+        assert f"warning: layer {layer['name']}: native grid {n}x{n} does not divide into 6x6" in err
+    # pooled down to 6, never up: smaller grids stay native
+    assert [layer["cross_shape"][1:] for layer in r.layers] == [[min(layer["native"][0], 6)] * 2 for layer in r.layers]
+    assert any(layer["native"][0] < 6 for layer in r.layers)

@@ -62,7 +62,8 @@ def test_loads_offline_and_generates(pipe):
 def test_probe_processor_matches_default_attention(pipe):
     """The training/eval probe must not change what the UNet computes."""
     gen = torch.Generator("cpu").manual_seed(1)
-    lat = torch.randn(2, 4, 16, 16, generator=gen)
+    c, r = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    lat = torch.randn(2, c, r, r, generator=gen)
     ids = torch.as_tensor(pipe.tokenizer(["a red circle", "a blue square and a green triangle"], padding="max_length",
                                          max_length=16)["input_ids"])
     with torch.no_grad():
@@ -90,14 +91,21 @@ def test_grounding_loss_is_zero_on_the_mask_and_high_off_it():
     on[0, :, 0] = 1.0
     grid = torch.zeros(16, 16)
     grid[:8, :8] = 1.0
-    on[0, :, 2] = grid.flatten() / grid.sum()           # token 2 looks only at the top-left quarter
+    on[0, :, 2] = grid.flatten() / grid.sum()           # token 2 looks only at the top-left quarter, evenly
     assert grounding_loss({"l": on}, masks, tokens).item() == pytest.approx(0.0, abs=1e-6)
     flat = torch.full((1, 256, 16), 1.0 / 16)           # uniform: a quarter of the mass inside
-    assert grounding_loss({"l": flat}, masks, tokens).item() == pytest.approx(0.75 ** 2, rel=1e-5)
+    # share 1/4 -> (3/4)^2; total variation to the quarter's uniform map: 3/4.
+    assert grounding_loss({"l": flat}, masks, tokens).item() == pytest.approx(0.75 ** 2 + 0.75, rel=1e-5)
+    dot = torch.zeros(1, 256, 16)
+    dot[0, 4 * 16 + 4, 2] = 1.0                          # all the mass on one pixel inside the object
+    # share 1 -> 0; but the map is no match for the mask: TV = 1 - 1/64.
+    assert grounding_loss({"l": dot}, masks, tokens).item() == pytest.approx(1 - 1 / 64, rel=1e-5)
     off = torch.zeros(1, 64, 16)
-    off[0, :, 2] = 0.0
-    off[0, -1, 2] = 1.0                                  # bottom-right corner, outside: share 0
-    assert grounding_loss({"l": off}, masks, tokens).item() == pytest.approx(1.0, rel=1e-6)
+    off[0, -1, 2] = 1.0                                  # bottom-right corner, outside: share 0, TV 1
+    assert grounding_loss({"l": off}, masks, tokens).item() == pytest.approx(2.0, rel=1e-6)
+    # Two layers at two grids: the mean of the two layers' losses.
+    both = grounding_loss({"a": on, "b": off}, masks, tokens).item()
+    assert both == pytest.approx(1.0, rel=1e-5)
 
 
 def test_train_cli_refuses_to_overwrite(tmp_path, capsys):

@@ -469,14 +469,18 @@ def main(argv: list[str] | None = None) -> int:
 def random_twin(pipe):
     """The control: a pipeline of the same shape whose UNet and text encoder are freshly random.
 
+    Both are rebuilt from ``pipe``'s own configs, so the twin matches whatever model was loaded.
     The VAE, tokenizer and scheduler stay (they hold no attention); ``pipe`` itself is not changed.
     """
-    from diffusers import StableDiffusionPipeline
-    from .architecture import build_pipeline
-    fresh = build_pipeline(text_layers=pipe.text_encoder.config.num_hidden_layers, seed=12345)
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
     device = next(pipe.unet.parameters()).device
-    twin = StableDiffusionPipeline(vae=pipe.vae, text_encoder=fresh.text_encoder.to(device), tokenizer=pipe.tokenizer,
-                                   unet=fresh.unet.to(device), scheduler=pipe.scheduler, safety_checker=None,
+    torch.manual_seed(12345)
+    unet = UNet2DConditionModel.from_config(pipe.unet.config).to(device)
+    text_encoder = CLIPTextModel(pipe.text_encoder.config).to(device)
+    twin = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
+                                   unet=unet, scheduler=pipe.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     twin.set_progress_bar_config(disable=True)
     return twin
