@@ -108,6 +108,21 @@ def test_grounding_loss_is_zero_on_the_mask_and_high_off_it():
     assert both == pytest.approx(1.0, rel=1e-5)
 
 
+def test_harden_decoder_trains_the_decoder_and_leaves_the_encoder():
+    """The latents the UNet learns come from the encoder, so hardening must not move it."""
+    from capture.toyworld.train import Logger, harden_decoder
+    vae = build_pipeline(seed=0).vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    harden_decoder(vae, steps=2, batch=4, lr=1e-3, seed=0, device="cpu", log=Logger(None, quiet=True))
+    after = vae.state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and k.endswith("weight")]
+    assert enc and dec
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert sum(not torch.equal(before[k], after[k]) for k in dec) > len(dec) // 2
+    assert all(p.requires_grad for p in vae.parameters())    # the VAE is left as it was found
+
+
 def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
@@ -121,7 +136,8 @@ def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
 def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path):
     """The same code path as the shipped model, at toy scale: VAE, UNet with the grounding loss, save."""
     out = tmp_path / "model"
-    rc = train_main(["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2",
+    rc = train_main(["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "4",
+                     "--vae-harden-steps", "2", "--steps", "2",
                      "--batch", "4", "--text-layers", "0", "--ground-weight", "0.1", "--threads", "2",
                      "--checkpoint", str(tmp_path / "ckpt.safetensors"), "--log", str(tmp_path / "log.jsonl")])
     assert rc == 0
