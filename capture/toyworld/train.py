@@ -157,7 +157,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 # --- stage 1: VAE -----------------------------------------------------------------------------
 
 def train_vae(vae, *, steps: int, batch: int, lr: float, seed: int, device: str, log: Logger,
-              kl_weight: float = 1e-5, workers: int = 0) -> dict:
+              kl_weight: float = 1e-5, workers: int = 0) -> None:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -181,7 +181,6 @@ def train_vae(vae, *, steps: int, batch: int, lr: float, seed: int, device: str,
         if step % 100 == 0 or step == steps - 1:
             log(stage="vae", step=step, mse=round(mse.item(), 5), kl=round(kl.item(), 4), elapsed=round(time.time() - t0, 1))
     vae.eval()
-    return measure_vae(vae, seed=seed + 2000, device=device)
 
 
 def harden_decoder(vae, *, steps: int, batch: int, lr: float, seed: int, device: str, log: Logger,
@@ -531,12 +530,12 @@ def main(argv: list[str] | None = None) -> int:
             pipe.vae.register_to_config(scaling_factor=src.config.scaling_factor)
             record["vae"] = {"from": str(args.vae_from), **measure_vae(pipe.vae.to(device).eval(), seed=args.seed + 2000, device=device)}
         else:
-            info = train_vae(pipe.vae, steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr, seed=args.seed,
-                             device=device, log=log, workers=args.workers)
+            train_vae(pipe.vae, steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr, seed=args.seed,
+                      device=device, log=log, workers=args.workers)
             if args.vae_harden_steps:
                 harden_decoder(pipe.vae, steps=args.vae_harden_steps, batch=args.vae_batch, lr=args.vae_lr / 4,
                                seed=args.seed, device=device, log=log)
-                info = measure_vae(pipe.vae, seed=args.seed + 2000, device=device)
+            info = measure_vae(pipe.vae, seed=args.seed + 2000, device=device)   # once, after both VAE stages
             pipe.vae.register_to_config(scaling_factor=round(1.0 / info["latent_std"], 4))
             record["vae"] = info
         log(stage="vae", **record["vae"], scaling_factor=pipe.vae.config.scaling_factor)
