@@ -123,6 +123,27 @@ def test_harden_decoder_trains_the_decoder_and_leaves_the_encoder():
     assert all(p.requires_grad for p in vae.parameters())    # the VAE is left as it was found
 
 
+def test_ema_warmup_sets_how_much_of_the_run_is_averaged():
+    """The EMA under ``ema_decay_at`` after n steps, in closed form: with K=2 every iterate (and the initial
+    weights) counts 1/(n+1); with K=4 iterate j counts 3(j+1)(j+2)/((n+1)(n+2)(n+3)), about ∝ j²."""
+    from capture.toyworld.train import ema_decay_at
+    n = 500
+    iterates = np.random.default_rng(0).normal(size=n) + np.arange(n) / n   # a drifting parameter
+
+    def ema(k, init=0.0):
+        e = init
+        for step, x in enumerate(iterates):
+            e += (1 - ema_decay_at(step, 0.9999, k)) * (x - e)
+        return e
+
+    j = np.arange(1, n + 1)
+    assert ema(2) == pytest.approx(iterates.sum() / (n + 1), rel=1e-9)
+    assert ema(4) == pytest.approx((3 * (j + 1) * (j + 2) * iterates).sum() / ((n + 1) * (n + 2) * (n + 3)), rel=1e-9)
+    assert ema(4, init=1.0) - ema(4) == pytest.approx(6 / ((n + 1) * (n + 2) * (n + 3)), rel=1e-6)
+    assert ema_decay_at(10**6, 0.999, 4) == 0.999               # the cap
+    assert ema_decay_at(100, 0.999, 10) == pytest.approx(101 / 110)
+
+
 def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
@@ -131,6 +152,8 @@ def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert train_main(["--out", str(tmp_path / "x"), "--vae-from", str(tmp_path / "nope")]) == 2
+    assert train_main(["--out", str(tmp_path / "x"), "--ema-warmup", "1"]) == 2
+    assert "--ema-warmup above 1" in capsys.readouterr().err
 
 
 def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path):
