@@ -22,7 +22,8 @@ inside the LR warm-up (whose learning rates do not depend on the total) and logs
 shipped model's recipe, which is sized for this project's 2-core CPU: VAE 450 steps of
 batch 64 and 200 steps of decoder hardening (``harden_decoder``), then 1925 UNet steps of
 batch 128 at lr 1e-3, one causal text layer, grounding weight 0.1, EMA warm-up 4.
-``diffviz train-toyworld --device cpu --threads 2`` ran it in 44 minutes there
+``diffviz train-toyworld --device cpu --threads 2`` ran it in 39 minutes there (the
+``--time-budget 2100`` run that chose the step count took 44)
 (``training.json`` has the measured times and the variants tried); on a GPU the same code
 runs under bf16 autocast.
 
@@ -298,8 +299,9 @@ def grounding_loss(maps: dict, masks: torch.Tensor, tokens: torch.Tensor) -> tor
 
 
 def train_unet(pipe, *, steps: int | None, time_budget: float | None, batch: int, lr: float, seed: int,
-               device: str, log: Logger, ground_weight: float = 0.0, ema_decay: float = 0.999, ema_warmup: float = 4.0,
-               workers: int = 0, checkpoint: str | None = None, checkpoint_every: float = 60.0,
+               device: str, log: Logger, ground_weight: float = 0.0, ema_decay: float = 0.999,
+               ema_warmup: float = 4.0, workers: int = 0, checkpoint: str | None = None,
+               checkpoint_every: float = 60.0,
                record: dict | None = None, warmup: int = 200, min_snr: float = 5.0,
                hard_stop: float | None = None, probe_steps: int = 150) -> dict:
     from . import probe
@@ -569,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         if steps != 0:
             info = train_unet(pipe, steps=steps, time_budget=args.time_budget, batch=args.batch, lr=args.lr,
                               seed=args.seed, device=device, log=log, ground_weight=args.ground_weight,
-                              ema_decay=args.ema, ema_warmup=args.ema_warmup, workers=args.workers, checkpoint=args.checkpoint, record=record,
-                              hard_stop=args.hard_stop, probe_steps=args.probe_steps)
+                              ema_decay=args.ema, ema_warmup=args.ema_warmup, workers=args.workers,
+                              checkpoint=args.checkpoint, record=record, hard_stop=args.hard_stop,
+                              probe_steps=args.probe_steps)
             record.update(info)
             log(stage="unet", event="done", **info)
         else:
