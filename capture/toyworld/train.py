@@ -22,10 +22,9 @@ inside the LR warm-up (whose learning rates do not depend on the total) and logs
 shipped model's recipe, which is sized for this project's 2-core CPU: VAE 450 steps of
 batch 64 and 200 steps of decoder hardening (``harden_decoder``), then 1925 UNet steps of
 batch 128 at lr 1e-3, one causal text layer, grounding weight 0.1, EMA warm-up 4.
-``diffviz train-toyworld --device cpu --threads 2`` ran it in 39 minutes there (the
-``--time-budget 2100`` run that chose the step count took 44)
-(``training.json`` has the measured times and the variants tried); on a GPU the same code
-runs under bf16 autocast.
+``diffviz train-toyworld --device cpu --threads 2`` ran it in 39 minutes there; the
+``--time-budget 2100`` run that chose the step count took 44 (``training.json`` has the
+measured times and the variants tried). On a GPU the same code runs under bf16 autocast.
 
 The result is a complete ``StableDiffusionPipeline`` folder (fp16 safetensors) saved with
 ``save_pretrained``; ``training.json`` beside ``model_index.json`` records how it was made.
