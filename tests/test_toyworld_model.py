@@ -144,6 +144,17 @@ def test_ema_warmup_sets_how_much_of_the_run_is_averaged():
     assert ema_decay_at(100, 0.999, 10) == pytest.approx(101 / 110)
 
 
+def test_lr_schedule_warms_up_then_falls_to_its_floor():
+    from capture.toyworld.train import lr_at
+    assert lr_at(0, 1000, 1e-3, 100) == pytest.approx(1e-5)
+    assert lr_at(99, 1000, 1e-3, 100) == pytest.approx(1e-3)
+    assert lr_at(550, 1000, 1e-3, 100, floor=0.0) == pytest.approx(0.5e-3)     # half-way down the cosine
+    assert lr_at(1000, 1000, 1e-3, 100) == pytest.approx(1e-4)                # the default floor, 0.1
+    assert lr_at(1000, 1000, 1e-3, 100, floor=0.0) == 0.0
+    lrs = [lr_at(s, 1000, 1e-3, 100, floor=0.0) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
 def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
@@ -153,22 +164,34 @@ def test_train_cli_refuses_to_overwrite(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
     assert train_main(["--out", str(tmp_path / "x"), "--vae-from", str(tmp_path / "nope")]) == 2
     assert train_main(["--out", str(tmp_path / "x"), "--ema-warmup", "1"]) == 2
-    assert "--ema-warmup above 1" in capsys.readouterr().err
+    assert "--ema-warmup must be above 1" in capsys.readouterr().err
+    assert train_main(["--out", str(tmp_path / "x"), "--ema-also", "3"]) == 2        # no --checkpoint to put it beside
+    assert "--ema-also needs --checkpoint" in capsys.readouterr().err
+    for flag, value in (("--p-empty", "1"), ("--lr-floor", "-0.1"), ("--ema-also", "0.5")):
+        assert train_main(["--out", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "c"), flag, value]) == 2
+        assert f"error: {flag} must be" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
-def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path):
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path, prediction):
     """The same code path as the shipped model, at toy scale: VAE, UNet with the grounding loss, save."""
     out = tmp_path / "model"
     rc = train_main(["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "4",
                      "--vae-harden-steps", "2", "--steps", "2",
                      "--batch", "4", "--text-layers", "0", "--ground-weight", "0.1", "--threads", "2",
-                     "--checkpoint", str(tmp_path / "ckpt.safetensors"), "--log", str(tmp_path / "log.jsonl")])
+                     "--checkpoint", str(tmp_path / "ckpt.safetensors"), "--log", str(tmp_path / "log.jsonl"),
+                     "--ema-also", "2", "--p-empty", "0.25", "--lr-floor", "0", "--prediction", prediction,
+                     "--decoder-adapt-steps", "2", "--decoder-adapt-pairs", "4"])
     assert rc == 0
     record = json.loads((out / "training.json").read_text())
     assert record["unet_steps_done"] == 2 and record["text_layers"] == 0
+    assert record["p_empty"] == 0.25 and record["lr_floor"] == 0 and record["ema_warmup"] == 4
+    assert record["decoder_adapt"]["pairs"] == 4 and record["decoder_adapt"]["steps"] == 2
     from diffusers import StableDiffusionPipeline
     p = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
     assert p.text_encoder.config.num_hidden_layers == 0
+    assert p.scheduler.config.prediction_type == prediction == record["prediction"]
     assert p.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"] if "scaling_factor" in record["vae"]
                                                         else 1.0 / record["vae"]["latent_std"], rel=1e-3)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -180,3 +203,32 @@ def test_train_cli_tiny_run_writes_a_loadable_pipeline(tmp_path):
     a = dict(p.unet.named_parameters())
     for k, v in again.unet.named_parameters():
         assert torch.allclose(v, a[k].float(), atol=1e-3), k
+    # --ema-also 2: the same run averaged with another warm-up, beside the checkpoint, and not the same weights.
+    other, rec2 = load_checkpoint(str(tmp_path / "ckpt.ema2.safetensors"))
+    assert rec2["ema_warmup"] == 2 and rec2["unet_steps_done"] == 2
+    assert other.scheduler.config.prediction_type == prediction
+    b = dict(other.unet.named_parameters())
+    assert any(not torch.equal(v, b[k]) for k, v in again.unet.named_parameters())
+
+
+def test_adapting_a_saved_folder_gives_the_one_command_weights(tmp_path):
+    """The decoder adaptation runs on the UNet as saved (fp16), so ``--adapt-decoder-of`` a folder trained
+    without it reproduces the one-command run exactly: the shipped model was made that way."""
+    tiny = ["--device", "cpu", "--threads", "2", "--vae-steps", "2", "--vae-batch", "4", "--vae-harden-steps", "1",
+            "--steps", "2", "--batch", "4", "--decoder-adapt-pairs", "4"]
+    assert train_main(["--out", str(tmp_path / "one"), *tiny, "--decoder-adapt-steps", "3"]) == 0
+    assert train_main(["--out", str(tmp_path / "plain"), *tiny, "--decoder-adapt-steps", "0"]) == 0
+    assert train_main(["--out", str(tmp_path / "two"), "--adapt-decoder-of", str(tmp_path / "plain"),
+                       "--device", "cpu", "--threads", "2", "--vae-batch", "4", "--decoder-adapt-pairs", "4",
+                       "--decoder-adapt-steps", "3"]) == 0
+    from safetensors.torch import load_file
+    for comp in ("vae", "unet", "text_encoder"):
+        name = "diffusion_pytorch_model.safetensors" if comp != "text_encoder" else "model.safetensors"
+        one, two, plain = (load_file(str(tmp_path / run / comp / name)) for run in ("one", "two", "plain"))
+        assert one.keys() == two.keys()
+        assert all(torch.equal(one[k], two[k]) for k in one), comp
+        changed = [k for k in one if not torch.equal(one[k], plain[k])]
+        assert (comp == "vae") == bool(changed), comp                   # only the VAE moved ...
+        assert all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)   # ... and only its decoder
+    record = json.loads((tmp_path / "two" / "training.json").read_text())
+    assert record["decoder_adapt"]["steps"] == 3 and record["unet_steps_done"] == 2

@@ -76,7 +76,8 @@ def _clip_tokenizer(symbols: list[str], merges: list[tuple[str, str]]) -> CLIPTo
     )
 
 
-def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int = 1, seed: int = 0) -> StableDiffusionPipeline:
+def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int = 1, seed: int = 0,
+                   prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     """A randomly initialised toy pipeline: 32×32 RGB images, 8×8×8 latents.
 
     Sized to train on a 2-core CPU in 45 minutes (``capture.toyworld.train``):
@@ -90,6 +91,8 @@ def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int =
       4×4 (``down_blocks.1``, the mid block, ``up_blocks.0``) — seven cross-attention layers.
     * **Text encoder**: a CLIP text model, 64 wide, with ``text_layers`` causal layers (the
       shipped model has one, trained jointly with the UNet; ``text_encoder/config.json`` records it).
+    * **Scheduler**: DDIM on Stable Diffusion's beta schedule; the UNet predicts ``prediction_type``
+      (``"epsilon"`` or ``"v_prediction"``), which ``scheduler/scheduler_config.json`` records.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
@@ -115,7 +118,7 @@ def build_pipeline(words: tuple[str, ...] = DEFAULT_WORDS, *, text_layers: int =
     )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
