@@ -231,6 +231,12 @@ def _tune_decoder(vae, *, steps: int, lr: float, device: str, log: Logger, stage
     vae.eval()
 
 
+def _jitter(z: torch.Tensor, noise: float, std, gen: torch.Generator) -> torch.Tensor:
+    """``z`` plus Gaussian noise whose std, per item, is drawn from U(0, ``noise``) times ``std``."""
+    sigma = torch.rand((z.shape[0], 1, 1, 1), generator=gen, device=z.device) * noise * std
+    return z + sigma * torch.randn(z.shape, generator=gen, device=z.device)
+
+
 def harden_decoder(vae, *, steps: int, batch: int, lr: float, seed: int, device: str, log: Logger,
                    noise: float = 0.3) -> None:
     """Fine-tune the decoder alone on noisy latents, so that it decodes *near* latents to clean shapes.
@@ -250,8 +256,7 @@ def harden_decoder(vae, *, steps: int, batch: int, lr: float, seed: int, device:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         std = z.std().item() if std is None else std
-        sigma = torch.rand((z.shape[0], 1, 1, 1), generator=gen, device=device) * noise * std
-        return z + sigma * torch.randn(z.shape, generator=gen, device=device), x
+        return _jitter(z, noise, std, gen), x
 
     _tune_decoder(vae, steps=steps, lr=lr, device=device, log=log, stage="vae-harden", batch_at=batch_at)
 
@@ -306,8 +311,7 @@ def adapt_decoder(pipe, *, pairs: int, steps: int, batch: int, lr: float, seed: 
         z, x = latents[idx], images[idx]
         with torch.no_grad():
             true = vae.encode(x[:half]).latent_dist.mean
-            sigma = torch.rand((half, 1, 1, 1), generator=gen, device=device) * noise * true.std()
-            true = true + sigma * torch.randn(true.shape, generator=gen, device=device)
+            true = _jitter(true, noise, true.std(), gen)
         return torch.cat([z[half:], true]), torch.cat([x[half:], x[:half]])
 
     _tune_decoder(vae, steps=steps, lr=lr, device=device, log=log, stage="decoder-adapt", batch_at=batch_at)
