@@ -58,6 +58,7 @@ test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 
 bench: venv chromium
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	@echo "== tests/bench/bench_capture.py --sdxl"; $(PY) tests/bench/bench_capture.py --sdxl
 
 # The shipped runs: same seed, two prompts that differ in one word.
 DATASET_SEED ?= 4

@@ -227,16 +227,19 @@ class Dashboard(pn.viewable.Viewer):
         self.store.set_run(data)
         if not initial:
             # tell the views and the URL about values clamped to the new run
-            self.state.param.trigger("step", "layer", "token")
+            self.state.param.trigger("step", "layer", "head", "token")
 
     def _fit_state(self, data: RunData) -> None:
-        """Bring step/layer/token inside the new run, silently (the views re-read everything on the new run)."""
+        """Bring step/layer/head/token inside the new run, silently (the views re-read everything on the new run)."""
         state = self.state
         updates: dict[str, Any] = {}
         if not 0 <= state.step < data.n_steps:
             updates["step"] = min(max(state.step, 0), data.n_steps - 1)
         if state.layer not in data.layer_values():
             updates["layer"] = ALL_LAYERS
+        head = data.fit_head(state.head)
+        if head != state.head:
+            updates["head"] = head
         if state.token is None or not 0 <= state.token < len(data.tokens):
             updates["token"] = data.default_token()
         first, last = state.step_range
@@ -275,6 +278,7 @@ class Dashboard(pn.viewable.Viewer):
             ("image", f"{data.height}×{data.width}"),
             ("layers", f"{len(data.layers)} ({len(data.cross_layers)} cross, {len(data.self_layers)} self)"),
             ("tokens", str(len(data.tokens))),
+            ("heads", f"per head (up to {data.max_heads})" if data.per_head else "mean over heads"),
             ("source", data.label),
         ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)

@@ -8,6 +8,9 @@ step (or layer, token, ...) anywhere moves every view. ``dataset``, ``compare``,
 :data:`ALL_LAYERS` (``"mean"``) for the mean over all layers brought to one resolution.
 ``token`` is an index into ``metadata.tokens``; with ``merge_words`` the view shows the
 whole word that token belongs to (sub-word maps summed).
+
+``head`` is :data:`MEAN_HEAD` (``"mean"``: the maps averaged over heads, all a schema-1 run has) or
+a head number as a string (``"0"``): head k of each layer, in runs recorded per head.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import param
 
 #: ``State.layer`` value meaning "all layers, mean".
 ALL_LAYERS = "mean"
+#: ``State.head`` value meaning "the mean over heads".
+MEAN_HEAD = "mean"
 #: The default dataset: a folder under ``panel serve``, a relative URL in the static site.
 DEFAULT_DATASET = "datasets/default"
 
@@ -31,6 +36,7 @@ class State(param.Parameterized):
     layer = param.String(default=ALL_LAYERS, doc="layer index as a string, or 'mean' for all layers")
     token = param.Integer(default=None, allow_None=True, bounds=(0, None),
                           doc="index into metadata.tokens; None: the run's first content word")
+    head = param.String(default=MEAN_HEAD, doc="attention head: 'mean' (over heads) or a head number as a string (per-head runs)")
     merge_words = param.Boolean(default=True, doc="merge sub-word tokens into their word")
     kind = param.Selector(default="cross", objects=["cross", "self"], doc="heat map: cross (token) or self (probe) attention")
 

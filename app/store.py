@@ -2,8 +2,9 @@
 
 * :func:`resolve_source` turns what a user typed (folder, URL, ``upload:NAME``) into a reader source.
 * :class:`RunData` wraps one opened run: layer groups, token/word labels, token maps (one layer or
-  all layers brought to one resolution), the DAAM aggregate, the self-attention probe, and the
-  per-step metrics the views plot.
+  all layers brought to one resolution; the mean over heads or, in per-head runs, one head), the
+  DAAM aggregate, the self-attention probe, and the per-step metrics the views plot. Grids are
+  ``(h, w)`` pairs throughout: schema-2 runs may be non-square.
 * :class:`Comparison` holds two runs: the reader's compatibility verdict, the JS divergence per
   step x layer and per token (``analysis.divergence``), both PCA trajectories on a shared basis
   (``analysis.trajectory``) and the per-step latent deltas.
@@ -17,7 +18,6 @@ the Pyodide worker of the static site.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 from collections import OrderedDict
@@ -30,7 +30,7 @@ import param
 from analysis import divergence as _divergence
 from analysis import metrics as _metrics
 from analysis import trajectory as _trajectory
-from app.state import ALL_LAYERS
+from app.state import ALL_LAYERS, MEAN_HEAD
 from export import reader as _reader
 from export import validate as _validate
 from export.contract import DatasetError
@@ -166,6 +166,18 @@ def resize(m: np.ndarray, height: int, width: int) -> np.ndarray:
 # --------------------------------------------------------------------------- one run
 
 
+def _finest(grids: list[tuple[int, int]]) -> tuple[int, int]:
+    """The grid with the most cells (ties: the first), ``(0, 0)`` for none."""
+    grids = [(int(h), int(w)) for h, w in grids]
+    return max(grids, key=lambda g: g[0] * g[1]) if grids else (0, 0)
+
+
+def query_cell(qx: float, qy: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """``(row, col)`` of the cell of an ``(h, w)`` grid under the fractional position ``(qx, qy)`` (top-left origin)."""
+    h, w = grid
+    return min(int(qy * h), h - 1), min(int(qx * w), w - 1)
+
+
 def _clean_token(text: str) -> str:
     text = str(text)
     if text.endswith("</w>"):
@@ -188,8 +200,7 @@ class RunData:
         self.pca = run.pca or {}
         info = md.get("run", {})
         self.prompt: str = str(info.get("prompt", ""))
-        self.height = int(info.get("height") or 0)
-        self.width = int(info.get("width") or 0)
+        self.height, self.width = (int(v) for v in run.image_size)
         self.timesteps: list[int] = [int(t) for t in md.get("timesteps", [])]
         self.n_steps = len(self.timesteps)
         self.layers: list[dict] = list(md.get("layers", []))
@@ -197,10 +208,12 @@ class RunData:
         self.words: list[str] = list(md.get("words") or [])
         self.cross_layers = [int(l["index"]) for l in self.layers if l.get("cross_shape")]
         self.self_layers = [int(l["index"]) for l in self.layers if l.get("self_shape")]
-        cross_res = [tuple(l["cross_shape"][1:]) for l in self.layers if l.get("cross_shape")]
-        self.cross_grid: tuple[int, int] = max(cross_res) if cross_res else (0, 0)
-        self_res = [self.self_side(int(l["index"])) for l in self.layers if l.get("self_shape")]
-        self.self_grid: int = max(self_res) if self_res else 0
+        #: the finest grid of each kind: the all-layer mean is brought to it
+        self.cross_grid: tuple[int, int] = _finest([self.run.cross_grid(i) for i in self.cross_layers])
+        self.self_grid: tuple[int, int] = _finest([self.run.self_grid(i) for i in self.self_layers])
+        self.per_head = bool(run.per_head)
+        #: heads of the layer with the most (0 unless the run is per head); head k means head k of each layer
+        self.max_heads = max([int(run.num_heads(i) or 0) for i in self.cross_layers] + [0]) if self.per_head else 0
         self._memo: OrderedDict = OrderedDict()
 
     # ---- labels -------------------------------------------------------------------
@@ -218,10 +231,9 @@ class RunData:
         return f"L{index} · {rest}"
 
     def layer_resolution(self, index: int) -> tuple[int, int]:
-        layer = self.layers[index]
-        if layer.get("cross_shape"):
-            return tuple(int(v) for v in layer["cross_shape"][1:])
-        native = layer.get("native") or [0, 0]
+        if index in self.cross_layers:
+            return tuple(int(v) for v in self.run.cross_grid(index))
+        native = self.layers[index].get("native") or [0, 0]
         return int(native[0]), int(native[1])
 
     def layer_groups(self) -> dict[str, dict[str, str]]:
@@ -240,6 +252,20 @@ class RunData:
 
     def layer_values(self) -> list[str]:
         return [ALL_LAYERS] + [str(i) for i in sorted(set(self.cross_layers) | set(self.self_layers))]
+
+    def head_options(self) -> dict[str, str]:
+        """``{label: State.head value}`` for the head selector: the mean, then each head (per-head runs only)."""
+        return {"mean": MEAN_HEAD, **{f"head {k}": str(k) for k in range(self.max_heads)}}
+
+    def head_values(self) -> list[str]:
+        return list(self.head_options().values())
+
+    def fit_head(self, head: str) -> str:
+        """``head`` if this run has it, else the mean over heads."""
+        return head if head in self.head_values() else MEAN_HEAD
+
+    def head_label(self, head: str) -> str:
+        return "mean of heads" if head == MEAN_HEAD else f"head {head}"
 
     def token_text(self, index: int) -> str:
         token = self.tokens[index]
@@ -303,9 +329,9 @@ class RunData:
     def image(self, step: int) -> np.ndarray:
         return self.run.image(int(step))
 
-    def self_side(self, layer: int) -> int:
-        shape = self.layers[layer].get("self_shape")
-        return int(round(math.sqrt(int(shape[0])))) if shape else 0
+    def final_image(self) -> np.ndarray | None:
+        """The pipeline's own output (schema 2), or None."""
+        return self.run.final_image()
 
     def _check_step(self, step: int) -> int:
         step = int(step)
@@ -325,51 +351,72 @@ class RunData:
 
     # ---- cross attention -------------------------------------------------------------
 
-    def cross_layer_map(self, layer: int, step: int, token: int, merge: bool) -> np.ndarray:
-        """One layer's map for a token (or its word: sub-word maps summed), float32 ``[r, r]``."""
-        maps = self.run.cross(int(layer), self._check_step(step))
+    def layer_cross(self, layer: int, step: int, head: str = MEAN_HEAD) -> np.ndarray:
+        """One layer's stored maps ``[T, h, w]`` at ``step``: the mean over heads (``reader.cross``), or
+        head ``head`` of that layer (``reader.cross_heads``). Every cross map of the app comes from here."""
+        step = self._check_step(step)
+        if head == MEAN_HEAD:
+            return np.asarray(self.run.cross(int(layer), step), np.float32)
+        k = self._head_index(int(layer), head)
+        return np.asarray(self.run.cross_heads(int(layer), step)[k], np.float32)
+
+    def _head_index(self, layer: int, head: str) -> int:
+        if not self.per_head:
+            raise DatasetError(f"head {head!r}: this run stores only the mean over heads")
+        try:
+            k = int(head)
+        except (TypeError, ValueError):
+            raise DatasetError(f"head {head!r} is not a head number or {MEAN_HEAD!r}") from None
+        n = int(self.run.num_heads(layer) or 0)
+        if not 0 <= k < n:
+            raise DatasetError(f"layer {layer} has {n} heads: head {k} is not one of them")
+        return k
+
+    def cross_layer_map(self, layer: int, step: int, token: int, merge: bool, head: str = MEAN_HEAD) -> np.ndarray:
+        """One layer's map for a token (or its word: sub-word maps summed), float32 ``[h, w]``."""
+        maps = self.layer_cross(layer, step, head)
         rows = self.token_indices(token, merge)
         return np.asarray(maps[rows].sum(axis=0), dtype=np.float32)
 
-    def cross_map(self, layer: str | int, step: int, token: int, merge: bool) -> np.ndarray:
+    def cross_map(self, layer: str | int, step: int, token: int, merge: bool, head: str = MEAN_HEAD) -> np.ndarray:
         """The map shown for ``layer``: one layer's native map, or the mean over all cross layers at ``cross_grid``."""
         if not self.cross_layers:
             raise DatasetError("this run has no cross-attention maps")
         if str(layer) == ALL_LAYERS:
-            return self.cross_all_tokens(ALL_LAYERS, step)[self.token_indices(token, merge)].sum(axis=0)
-        return self.cross_layer_map(self._layer_index(layer, "cross"), step, token, merge)
+            return self.cross_all_tokens(ALL_LAYERS, step, head)[self.token_indices(token, merge)].sum(axis=0)
+        return self.cross_layer_map(self._layer_index(layer, "cross"), step, token, merge, head)
 
-    def cross_all_tokens(self, layer: str | int, step: int) -> np.ndarray:
-        """Every stored token's map, ``[T, r, r]``: one layer's, or for ``mean`` each cross layer's maps
+    def cross_all_tokens(self, layer: str | int, step: int, head: str = MEAN_HEAD) -> np.ndarray:
+        """Every stored token's map, ``[T, h, w]``: one layer's, or for ``mean`` each cross layer's maps
         resampled to ``cross_grid`` (bilinear) and averaged over layers (kept for the last few steps)."""
         step = self._check_step(step)
         if str(layer) != ALL_LAYERS:
-            return np.asarray(self.run.cross(self._layer_index(layer, "cross"), step), np.float32)
-        return self._memoised(("mean", step), lambda: self._layer_mean(step))
+            return self.layer_cross(self._layer_index(layer, "cross"), step, head)
+        return self._memoised(("mean", step, head), lambda: self._layer_mean(step, head))
 
-    def _layer_mean(self, step: int) -> np.ndarray:
+    def _layer_mean(self, step: int, head: str) -> np.ndarray:
         h, w = self.cross_grid
         acc = np.zeros((len(self.tokens), h, w), np.float32)
         for index in self.cross_layers:
-            acc += resize(self.run.cross(index, step), h, w)
+            acc += resize(self.layer_cross(index, step, head), h, w)
         return acc / max(len(self.cross_layers), 1)
 
-    def aggregate_all(self, first: int, last: int) -> np.ndarray:
-        """Every token's DAAM map ``[T, r, r]``: the all-layer mean averaged over steps ``first..last``."""
+    def aggregate_all(self, first: int, last: int, head: str = MEAN_HEAD) -> np.ndarray:
+        """Every token's DAAM map ``[T, h, w]``: the all-layer mean averaged over steps ``first..last``."""
         first, last = sorted((self._check_step(first), self._check_step(last)))
-        return self._memoised(("aggregate", first, last), lambda: self._step_mean(first, last))
+        return self._memoised(("aggregate", first, last, head), lambda: self._step_mean(first, last, head))
 
-    def _step_mean(self, first: int, last: int) -> np.ndarray:
+    def _step_mean(self, first: int, last: int, head: str) -> np.ndarray:
         acc = np.zeros((len(self.tokens),) + tuple(self.cross_grid), np.float32)
         for step in range(first, last + 1):
-            acc += self.cross_all_tokens(ALL_LAYERS, step)
+            acc += self.cross_all_tokens(ALL_LAYERS, step, head)
         return acc / (last - first + 1)
 
-    def aggregate_map(self, token: int, merge: bool, first: int, last: int) -> np.ndarray:
+    def aggregate_map(self, token: int, merge: bool, first: int, last: int, head: str = MEAN_HEAD) -> np.ndarray:
         """DAAM's word heat map: the token's map averaged over all cross layers (at ``cross_grid``) and steps ``first..last``."""
         if not self.cross_layers:
             raise DatasetError("this run has no cross-attention maps")
-        return self.aggregate_all(first, last)[self.token_indices(token, merge)].sum(axis=0)
+        return self.aggregate_all(first, last, head)[self.token_indices(token, merge)].sum(axis=0)
 
     def _memoised(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """``compute()``'s result, kept for the last ``MEMO_ITEMS`` keys (least recently used goes first)."""
@@ -381,27 +428,27 @@ class RunData:
             self._memo.popitem(last=False)
         return value
 
-    def token_share(self, layer: str | int, step: int) -> np.ndarray:
+    def token_share(self, layer: str | int, step: int, head: str = MEAN_HEAD) -> np.ndarray:
         """Each prompt token's share of the stored attention mass at ``layer``/``step`` (sums to 1)."""
-        return _metrics.token_distribution(self.cross_all_tokens(layer, step))
+        return _metrics.token_distribution(self.cross_all_tokens(layer, step, head))
 
     # ---- self attention ----------------------------------------------------------------
 
     def probe_layer_map(self, layer: int, step: int, qx: float, qy: float) -> np.ndarray:
-        """Where the query at fractional position ``(qx, qy)`` (top-left origin) attends, ``[s, s]``."""
-        side = self.self_side(layer)
+        """Where the query at fractional position ``(qx, qy)`` (top-left origin) attends, ``[sh, sw]``."""
+        sh, sw = self.run.self_grid(int(layer))
         maps = self.run.self_attention(int(layer), self._check_step(step))
-        row = min(int(qy * side), side - 1) * side + min(int(qx * side), side - 1)
-        return np.asarray(maps[row], dtype=np.float32).reshape(side, side)
+        row, col = query_cell(qx, qy, (sh, sw))
+        return np.asarray(maps[row * sw + col], dtype=np.float32).reshape(sh, sw)
 
     def probe_map(self, layer: str | int, step: int, qx: float, qy: float) -> np.ndarray:
         if not self.self_layers:
             raise DatasetError("this run has no self-attention maps")
         if str(layer) == ALL_LAYERS:
-            side = self.self_grid
-            acc = np.zeros((side, side), np.float32)
+            sh, sw = self.self_grid
+            acc = np.zeros((sh, sw), np.float32)
             for index in self.self_layers:
-                acc += resize(self.probe_layer_map(index, step, qx, qy), side, side)
+                acc += resize(self.probe_layer_map(index, step, qx, qy), sh, sw)
             return acc / len(self.self_layers)
         return self.probe_layer_map(self._layer_index(layer, "self"), step, qx, qy)
 
@@ -457,7 +504,7 @@ class RunData:
 
     # ---- playback ------------------------------------------------------------------------
 
-    def prefetch(self, step: int, layer: str | int, kind: str) -> None:
+    def prefetch(self, step: int, layer: str | int, kind: str, head: str = MEAN_HEAD) -> None:
         """Warm the reader's cache for ``step`` (image and the maps the attention view will read)."""
         if not 0 <= step < self.n_steps:
             return
@@ -469,7 +516,7 @@ class RunData:
         else:
             layers = self.cross_layers if str(layer) == ALL_LAYERS else [int(layer)]
             for index in layers:
-                self.run.cross(index, step)
+                self.layer_cross(index, step, head)
 
 
 # --------------------------------------------------------------------------- two runs

@@ -45,7 +45,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def build_parser() -> argparse.ArgumentParser:
     d = GenerateConfig(prompt="")
-    p = OneLineParser(prog=PROG, description="Record what a Stable Diffusion pipeline does at every denoising step.",
+    p = OneLineParser(prog=PROG, description="Record what a diffusion pipeline (SD 1.x/2.x, SDXL) does at every "
+                                             "denoising step.",
                 epilog=EXAMPLE)
     onoff = argparse.BooleanOptionalAction
     p.add_argument("--prompt", required=True, help="the text prompt (required)")
@@ -63,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-self-attention", action=onoff, default=d.include_self_attention,
                    help="record self-attention maps (default: on)")
     p.add_argument("--attention-resolution", type=int, default=d.attention_resolution,
-                   help="cross maps are pooled down to R x R, never up (default %(default)s)")
+                   help="cross maps are pooled down, never up, by one integer factor on both sides, "
+                        "until the long side is <= R (default %(default)s)")
     p.add_argument("--self-attention-resolution", type=int, default=d.self_attention_resolution,
-                   help="self maps are pooled to [S*S, S*S], never up (default %(default)s)")
+                   help="self maps are pooled the same way to a grid whose long side is <= S "
+                        "(default %(default)s)")
     p.add_argument("--save-latents-noise", action=onoff, default=d.save_latents_noise,
                    help="save latents and predicted noise per step as float16 npz (default: on)")
     p.add_argument("--overwrite-output", action="store_true", help="replace an existing run (only once the new one is complete)")
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="(default: float32 on CPU/MPS, float16 on CUDA)")
+    p.add_argument("--per-head", action="store_true",
+                   help="keep every head's cross maps ([heads, T, h, w]) instead of their mean")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = show
         try:
-            path = run.generate(config, progress=progress)
+            path = run.generate(config, progress=progress, prepared=run.prepare(config))
         except KeyboardInterrupt:
             bar.close()
             return _fail("interrupted; nothing was written and any existing run is unchanged", 130)

@@ -64,6 +64,13 @@ class GenerateConfig:
     width: int | None = None
     #: None = float32 on CPU/MPS, float16 on CUDA
     dtype: str | None = None
+    #: cross maps kept per head ([heads, T, h, w]) instead of their mean
+    per_head: bool = False
+
+    def __post_init__(self):
+        # One side given: a square image of that side.
+        if (self.height is None) != (self.width is None):
+            self.height = self.width = self.height if self.height is not None else self.width
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -128,13 +135,14 @@ class GenerateConfig:
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:
-                _int_range(name, value, 8, MAX_IMAGE_SIDE)
-                if value % 8:
-                    raise ConfigError(name, f"must be a multiple of 8, got {value}")
+                _int_range(name, value, 8, MAX_IMAGE_SIDE)  # the multiple is the model's (its family says)
         if not self.output_dir.strip():
             raise ConfigError("output_dir", "must not be empty")
         if self.model is not None and not self.model.strip():
             raise ConfigError("model", "must not be empty")
+        if self.per_head and not self.include_cross_attention:
+            raise ConfigError("per_head", "keeps each head's cross maps, so it needs cross attention on "
+                                          "(drop --no-include-cross-attention)")
         return self
 
     def check_paths(self) -> "GenerateConfig":
@@ -220,6 +228,6 @@ _FIELD_KINDS = {
     "include_self_attention": "bool", "attention_resolution": "int", "self_attention_resolution": "int",
     "save_latents_noise": "bool", "overwrite_output": "bool", "max_dataset_mb": "float",
     "enforce_size_limit": "bool", "fail_on_shape_error": "bool", "device": "str", "output_dir": "str",
-    "model": "str?", "seed": "int", "height": "int?", "width": "int?", "dtype": "str?",
+    "model": "str?", "seed": "int", "height": "int?", "width": "int?", "dtype": "str?", "per_head": "bool",
 }
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(GenerateConfig)}

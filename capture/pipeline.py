@@ -1,12 +1,14 @@
-"""Loading a Stable Diffusion pipeline: the embedded default, a local folder (offline) or a hub id.
+"""Loading a pipeline: the embedded default, a local folder (offline) or a hub id.
 
-Every source takes the same path, ``StableDiffusionPipeline.from_pretrained``. Pipelines are cached
-per (model, device, dtype), so the bridge and the tests load each one once.
+The model's family (``capture.families``) names the pipeline class; every source then takes the same
+path, that class's ``from_pretrained``. Pipelines are cached per (model, device, dtype), so the bridge
+and the tests load each one once.
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -14,22 +16,20 @@ import transformers
 transformers.utils.logging.set_verbosity_error()  # before diffusers: silences its optional-backend notices
 transformers.utils.logging.disable_progress_bar()
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from capture.config import ConfigError, model_source  # noqa: E402
+diffusers_logging.set_verbosity_error()  # its loader's advice (accelerate, low_cpu_mem_usage) is not the user's problem
 
-#: The embedded default model (the toy world), shipped inside the package.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "toyworld" / "model"
+from capture import families  # noqa: E402
+from capture.config import ConfigError, model_source  # noqa: E402
+from capture.families import DEFAULT_MODEL_DIR, Family, ModelLoadError, Peek, one_line  # noqa: E402,F401
+
 DEFAULT_MODEL_ID = "toyworld"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_cache: dict[tuple[str, str, str], StableDiffusionPipeline] = {}
+_cache: dict[tuple[str, str, str], Any] = {}
 _lock = threading.Lock()
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message is one line."""
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -64,11 +64,12 @@ def model_info(model: str | None) -> dict:
     return {"source": source, "id": location if source == "hub" else Path(location).name or location}
 
 
-def load_pipeline(model: str | None = None, device: str = "auto", dtype: str | None = None) -> StableDiffusionPipeline:
+def load_pipeline(model: str | None = None, device: str = "auto", dtype: str | None = None):
     """Load (or reuse) a pipeline on ``device`` in ``dtype``, with a DDIM scheduler and no progress bar.
 
     ``model`` is None (the embedded default), a local folder (loaded with ``local_files_only``) or a
-    hub id. Raises ConfigError for a bad device/model path and ModelLoadError if loading fails.
+    hub id. Raises ConfigError for a bad device/model path and ModelLoadError if loading fails or no
+    family records the model's pipeline class.
     """
     source, location = model_source(model)
     device = resolve_device(device)
@@ -78,19 +79,12 @@ def load_pipeline(model: str | None = None, device: str = "auto", dtype: str | N
     with _lock:
         if key in _cache:
             return _cache[key]
+        family = families.for_model(model)
         diffusers_logging.disable_progress_bar()
         try:
-            if folder is not None:
-                if not (folder / "model_index.json").is_file():
-                    raise ModelLoadError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
-                pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, dtype=_DTYPES[dtype])
-            else:
-                pipe = StableDiffusionPipeline.from_pretrained(location, dtype=_DTYPES[dtype])
-        except ModelLoadError:
-            raise
+            pipe = family.load(str(folder) if folder else location, local=folder is not None, dtype=_DTYPES[dtype])
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"could not load model {model or DEFAULT_MODEL_ID!r}: {first}") from exc
+            raise ModelLoadError(f"could not load model {model or DEFAULT_MODEL_ID!r}: {one_line(exc)}") from exc
         if not isinstance(pipe.scheduler, DDIMScheduler):
             # DDIM's step output carries pred_original_sample, which the x̂0 previews show.
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -100,34 +94,18 @@ def load_pipeline(model: str | None = None, device: str = "auto", dtype: str | N
         return pipe
 
 
-def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
-    """The model's native image size (height, width) in pixels."""
-    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return side, side
-
-
-def peek_model(model: str | None):
-    """``(unet, vae_scale_factor, tokenizer)`` of a local model without loading weights: the UNet is built
-    from its config on the meta device (no memory). Lets the run check layer patterns and project its
-    size before loading anything. ``None`` for a hub id."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
+def peek_model(model: str | None) -> tuple[Family, Peek | None]:
+    """The model's family, and its architecture read from configs alone (the denoiser on the meta device,
+    no weights) so that a run can check its plan and project its size before loading anything.
+    The peek is None for a hub id."""
+    family = families.for_model(model)
     source, location = model_source(model)
     if source == "hub":
-        return None
-    folder = DEFAULT_MODEL_DIR if source == "default" else Path(location)
-    missing = [name for name in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer")
-               if not (folder / name).exists()]
-    if missing:  # checked here, so that no loader ever falls back to asking a hub
-        raise ModelLoadError(f"{folder} is not a Stable Diffusion pipeline folder (no {', '.join(missing)})")
-    try:
-        unet_config = UNet2DConditionModel.load_config(str(folder / "unet"), local_files_only=True)
-        vae_config = AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True)
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_config)
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{folder} is not a Stable Diffusion pipeline folder: {first}") from exc
-    return unet, 2 ** (len(vae_config.get("block_out_channels", [0])) - 1), tokenizer
+        return family, None
+    return family, family.peek(DEFAULT_MODEL_DIR if source == "default" else Path(location))
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The loaded pipeline's native image size (height, width) in pixels."""
+    family = families.for_pipeline(pipe)
+    return family.native_size(family.peek_pipe(pipe))

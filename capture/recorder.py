@@ -18,7 +18,9 @@ line for line, so the layer output comes from the very same ``scaled_dot_product
   ``softmax(baddbmm(q, kᵀ, alpha=1/√d))``, the same scores diffusers' classic processor computes.
 * Keys pooled (self maps below their native grid): ``P`` is a one-hot [keys, cells] matrix that sums
   each cell's keys (rows still sum to 1), and ``softmax(q kᵀ/√d) @ P`` is one
-  ``scaled_dot_product_attention(q, k, P)`` call, so the [n, n] map is never materialised.
+  ``scaled_dot_product_attention(q, k, P)`` call, so the [n, n] map is never materialised. On the CPU,
+  up to :data:`DENSE_MAX` elements, the map is materialised instead (head mean first, then the two
+  poolings as matmuls), which costs far less there than SDPA with a value as wide as the cell count.
 * Queries pooled: the head mean and the query-cell mean are one matmul with a precomputed
   [cells, heads*queries] matrix; queries kept: one ``mean`` over heads.
 
@@ -27,13 +29,15 @@ moves to the CPU once per step in one copy (:meth:`AttentionRecorder.start_copy`
 pinned memory on a GPU, so the host never waits for the device mid-run). Per recorded layer the host
 issues three or four kernels and no sync.
 
-Maps are only pooled down: a grid smaller than the resolution is kept at its native size.
-Non-square grids pool each side to ``min(side, resolution)``.
+Maps are only pooled down: a grid smaller than the resolution is kept at its native size. Both sides
+of a grid are divided by the same integer factor (the aspect ratio is kept), the smallest that brings
+the long side within the resolution. ``per_head`` keeps every head's cross map ([heads, T, h, w]).
 """
 from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +48,10 @@ import torch
 import torch.nn.functional as F
 
 SELF, CROSS = "attn1", "attn2"
+#: On the CPU a pooled self map is cheaper from the materialised [heads, q, k] probabilities (head mean,
+#: then two small matmuls) than from SDPA with the [keys, cells] pooling matrix as a wide value, up to
+#: this many elements (float32: 128 MB); past it, and on GPUs, SDPA keeps the map unmaterialised.
+DENSE_MAX = 1 << 25
 
 
 class LayerSelectionError(ValueError):
@@ -71,9 +79,14 @@ class LayerPlan:
     native: tuple[int, int]                     # (h, w) of the layer's latent grid
     cross_grid: tuple[int, int] | None = None   # stored (h, w) of the cross maps; None = not recorded
     self_grid: tuple[int, int] | None = None    # stored (h, w) of the pooled self grid; None = not recorded
+    heads: int = 1                              # the layer's attention heads
+    per_head: bool = False                      # cross maps kept per head ([heads, T, h, w])
+    kind: str = "unet"                          # metadata.layers[].kind
 
     def cross_shape(self, tokens: int) -> list[int] | None:
-        return None if self.cross_grid is None else [tokens, *self.cross_grid]
+        if self.cross_grid is None:
+            return None
+        return [self.heads, tokens, *self.cross_grid] if self.per_head else [tokens, *self.cross_grid]
 
     def self_shape(self) -> list[int] | None:
         if self.self_grid is None:
@@ -82,8 +95,9 @@ class LayerPlan:
         return [n, n]
 
     def to_metadata(self, tokens: int) -> dict:
-        return {"index": self.index, "name": self.name, "block": self.block, "native": list(self.native),
-                "cross_shape": self.cross_shape(tokens), "self_shape": self.self_shape()}
+        return {"index": self.index, "name": self.name, "block": self.block, "kind": self.kind,
+                "native": list(self.native), "heads": self.heads, "cross_shape": self.cross_shape(tokens),
+                "self_shape": self.self_shape(), "self_grid": None if self.self_grid is None else list(self.self_grid)}
 
 
 def layer_names(unet) -> list[str]:
@@ -151,20 +165,28 @@ def native_grids(unet, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]
     return grids
 
 
+def pooled_grid(native: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """Both sides divided by one integer factor, the smallest that brings the long side to <= ``resolution``
+    (so the aspect ratio is kept, and a grid is only ever pooled down)."""
+    factor = -(-max(native) // resolution)
+    return max(1, native[0] // factor), max(1, native[1] // factor)
+
+
 def plan_layers(unet, latent_hw: tuple[int, int], *, patterns: Sequence[str] = (), max_layers: int | None = None,
-                cross: bool = True, self_: bool = True, resolution: int = 32, self_resolution: int = 16
-                ) -> tuple[list[LayerPlan], list[str]]:
+                cross: bool = True, self_: bool = True, resolution: int = 32, self_resolution: int = 16,
+                per_head: bool = False) -> tuple[list[LayerPlan], list[str]]:
     """The layer plans, plus one message per layer whose grid does not pool evenly."""
     grids = native_grids(unet, latent_hw)
+    heads = {name: int(m.heads) for name, m in unet.named_modules() if name.endswith(f".{CROSS}")}
     plans, problems = [], []
     for index, name in enumerate(select_layers(unet, patterns, max_layers)):
         block = block_of(name)
         native = grids[block]
-        plan = LayerPlan(index, name, block, native)
+        plan = LayerPlan(index, name, block, native, heads=heads[f"{name}.{CROSS}"], per_head=per_head and cross)
         if cross:
-            plan.cross_grid = (min(native[0], resolution), min(native[1], resolution))
+            plan.cross_grid = pooled_grid(native, resolution)
         if self_:
-            plan.self_grid = (min(native[0], self_resolution), min(native[1], self_resolution))
+            plan.self_grid = pooled_grid(native, self_resolution)
         for kind, grid in (("cross", plan.cross_grid), ("self", plan.self_grid)):
             if grid is not None and (native[0] % grid[0] or native[1] % grid[1]):
                 problems.append(f"layer {name}: native grid {native[0]}x{native[1]} does not divide into "
@@ -184,18 +206,21 @@ def pooling_matrix(native: tuple[int, int], grid: tuple[int, int]) -> np.ndarray
 
 @functools.lru_cache(maxsize=64)
 def pooling_operators(native: tuple[int, int], grid: tuple[int, int], heads: int, kind: str,
-                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      device: torch.device, dtype: torch.dtype, per_head: bool = False
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(query_pool, key_pool)`` on the device, built once per shape and shared by every layer and run.
 
-    query_pool ``[cells, heads*pixels]`` averages the heads and each cell's queries; None when the grid
-    is native (then the processor takes a plain mean over heads). key_pool ``[1, heads, pixels, cells]``
+    query_pool ``[cells, heads*pixels]`` averages the heads and each cell's queries (``per_head``:
+    ``[cells, pixels]``, each cell's queries only, applied to every head); None when the grid is native
+    (then the processor takes a plain mean over heads, or copies them). key_pool ``[1, heads, pixels, cells]``
     sums each cell's keys; None for cross attention and for native self grids.
     """
     if tuple(grid) == tuple(native):
         query_pool = None
     else:
         m = torch.as_tensor(pooling_matrix(native, grid), dtype=torch.float64, device=device)   # [cells, pixels]
-        query_pool = ((m / m.sum(dim=1, keepdim=True)).repeat(1, heads) / heads).to(dtype).contiguous()
+        m = m / m.sum(dim=1, keepdim=True)
+        query_pool = (m if per_head else m.repeat(1, heads) / heads).to(dtype).contiguous()
     if kind == CROSS or query_pool is None:
         return query_pool, None
     key_pool = torch.as_tensor(pooling_matrix(native, grid).T, dtype=dtype, device=device)
@@ -209,15 +234,18 @@ def pooling_operators(native: tuple[int, int], grid: tuple[int, int], heads: int
 class _Slot:
     """What one processor records: its pooling operators and its view into the step buffer."""
 
-    __slots__ = ("plan", "kind", "queries", "keys", "key_pool", "query_pool", "zero", "out", "offset", "calls", "error")
+    __slots__ = ("plan", "kind", "queries", "keys", "key_pool", "query_pool", "zero", "out", "offset", "calls", "error",
+                 "per_head", "dense")
 
-    def __init__(self, plan, kind, queries, keys, key_pool, query_pool, out, offset):
+    def __init__(self, plan, kind, queries, keys, key_pool, query_pool, out, offset, dense=None):
         self.plan, self.kind, self.queries, self.keys = plan, kind, queries, keys
         self.key_pool = key_pool        # None (keys kept) or [1, heads, keys, cells]: sums each cell's keys
         self.query_pool = query_pool    # None (queries kept) or [cells, heads*queries]: head + cell mean
+        self.dense = dense              # None, or ([cells, queries] cell mean, [keys, cells] key sum): see DENSE_MAX
         self.zero = torch.zeros((), dtype=out.dtype, device=out.device)  # baddbmm's ignored input
-        self.out = out                  # view into the flat step buffer: [query cells, keys or key cells]
+        self.out = out                  # view into the flat step buffer: [(heads,) query cells, keys or key cells]
         self.offset = offset
+        self.per_head = out.dim() == 3
         self.calls = 0
         self.error: str | None = None
 
@@ -275,12 +303,20 @@ class RecordingAttnProcessor:
         slot.calls += 1
         if query.shape[2] == slot.queries and key.shape[2] == slot.keys:
             mask = None if attention_mask is None else _additive(attention_mask[-1:], query.dtype)
-            if slot.key_pool is None:
+            if slot.key_pool is None or slot.dense is not None:
                 probs = torch.baddbmm(slot.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
                                       beta=0 if mask is None else 1, alpha=query.shape[-1] ** -0.5).softmax(-1)
             else:  # 4-D, so that the fused kernels (not the math fallback) run on a GPU
                 probs = F.scaled_dot_product_attention(query[-1:], key[-1:], slot.key_pool, attn_mask=mask)
-            if slot.query_pool is None:
+            if slot.dense is not None:  # [heads, q, k] -> head mean -> cells x key cells
+                cell_mean, key_sum = slot.dense
+                torch.matmul(torch.matmul(cell_mean, probs.mean(dim=0)), key_sum, out=slot.out)
+            elif slot.per_head:  # [heads, queries, keys] -> [heads, cells, keys]
+                if slot.query_pool is None:
+                    slot.out.copy_(probs.view(slot.out.shape))
+                else:
+                    torch.matmul(slot.query_pool, probs.view(-1, *probs.shape[-2:]), out=slot.out)
+            elif slot.query_pool is None:
                 torch.mean(probs.view(-1, *probs.shape[-2:]), dim=0, out=slot.out)
             else:
                 torch.matmul(slot.query_pool, probs.reshape(-1, probs.shape[-1]), out=slot.out)
@@ -308,7 +344,8 @@ class RecordingAttnProcessor:
 class StepMaps:
     """One step's maps on the CPU, keyed by layer index, in the model's dtype (float32 for bfloat16).
 
-    ``cross[L]``: ``[context_length, h, w]`` (the full distribution over every key);
+    ``cross[L]``: ``[context_length, h, w]`` (the full distribution over every key), or
+    ``[heads, context_length, h, w]`` for a per-head plan;
     ``self_[L]``: ``[h*w, h*w]`` (rows: pooled queries; columns: pooled keys, each row sums to 1).
     """
 
@@ -353,19 +390,26 @@ class AttentionRecorder:
                 if grid is not None:
                     cells = grid[0] * grid[1]
                     shape = (cells, self.context_length if kind == CROSS else cells)
+                    if kind == CROSS and plan.per_head:
+                        shape = (heads[f"{plan.name}.{kind}"], *shape)
                     specs.append((plan, kind, grid, shape, offset))
-                    offset += shape[0] * shape[1]
+                    offset += math.prod(shape)
         self.buffer = torch.zeros(offset, device=self.device, dtype=self.dtype)
         self._slots: dict[str, _Slot] = {}     # processor name -> slot
         for plan, kind, grid, shape, start in specs:
-            q_pool, k_pool = self._operators(plan.native, grid, heads[f"{plan.name}.{kind}"], kind)
-            out = self.buffer[start:start + shape[0] * shape[1]].view(shape)
+            n_heads = heads[f"{plan.name}.{kind}"]
+            q_pool, k_pool = pooling_operators(tuple(plan.native), tuple(grid), n_heads, kind,
+                                               self.device, self.dtype, len(shape) == 3)
+            out = self.buffer[start:start + math.prod(shape)].view(shape)
             queries = plan.native[0] * plan.native[1]
             keys = self.context_length if kind == CROSS else queries
-            self._slots[f"{plan.name}.{kind}.processor"] = _Slot(plan, kind, queries, keys, k_pool, q_pool, out, start)
-
-    def _operators(self, native, grid, heads, kind):
-        return pooling_operators(tuple(native), tuple(grid), heads, kind, self.device, self.dtype)
+            dense = None
+            if k_pool is not None and self.device.type == "cpu" and n_heads * queries * keys <= DENSE_MAX:
+                cell_mean = pooling_operators(tuple(plan.native), tuple(grid), n_heads, CROSS, self.device,
+                                              self.dtype, True)[0]
+                dense = (cell_mean, k_pool[0, 0])
+            self._slots[f"{plan.name}.{kind}.processor"] = _Slot(plan, kind, queries, keys, k_pool, q_pool, out,
+                                                                 start, dense)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "AttentionRecorder":
@@ -406,9 +450,11 @@ class AttentionRecorder:
             if slot.error is not None:
                 continue
             block = flat[slot.offset:slot.offset + slot.out.numel()]
-            if slot.kind == CROSS:  # [cells, K] -> [K, h, w]
-                maps.cross[slot.plan.index] = block.reshape(-1, self.context_length).T.reshape(
-                    self.context_length, *slot.plan.cross_grid)
+            if slot.kind == CROSS:  # [(heads,) cells, K] -> [(heads,) K, h, w]
+                grid = slot.plan.cross_grid
+                stacked = block.reshape(-1, grid[0] * grid[1], self.context_length).transpose(0, 2, 1)
+                full = stacked.reshape(-1, self.context_length, *grid)
+                maps.cross[slot.plan.index] = full if slot.per_head else full[0]
             else:
                 maps.self_[slot.plan.index] = block.reshape(slot.out.shape)
         return maps
@@ -472,7 +518,8 @@ class AttentionRecorder:
 def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None = None, cross: bool = True,
                      self_: bool = True, resolution: int = 32, self_resolution: int = 16,
                      height: int | None = None, width: int | None = None, fail_on_shape_error: bool = False,
-                     on_step: Callable[[StepMaps], None] | None = None) -> Iterator[AttentionRecorder]:
+                     per_head: bool = False, on_step: Callable[[StepMaps], None] | None = None
+                     ) -> Iterator[AttentionRecorder]:
     """Record the chosen layers of ``pipe.unet`` while the block runs; the original processors come back after.
 
     ``height``/``width`` are the image size in pixels (default: the model's native size). Grids that do
@@ -480,7 +527,7 @@ def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None
     """
     recorder = build_recorder(pipe, layers=layers, max_layers=max_layers, cross=cross, self_=self_,
                               resolution=resolution, self_resolution=self_resolution, height=height, width=width,
-                              fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+                              fail_on_shape_error=fail_on_shape_error, per_head=per_head, on_step=on_step)
     recorder.install()
     try:
         yield recorder
@@ -491,21 +538,26 @@ def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None
 
 def build_recorder(pipe, *, layers: Sequence[str] = (), max_layers: int | None = None, cross: bool = True,
                    self_: bool = True, resolution: int = 32, self_resolution: int = 16, height: int | None = None,
-                   width: int | None = None, fail_on_shape_error: bool = False,
+                   width: int | None = None, fail_on_shape_error: bool = False, per_head: bool = False,
                    on_step: Callable[[StepMaps], None] | None = None) -> AttentionRecorder:
     """An :class:`AttentionRecorder` for ``pipe`` (not installed yet); see :func:`record_attention`."""
     vsf = int(pipe.vae_scale_factor)
     side = int(pipe.unet.config.sample_size) * vsf
     latent_hw = ((height or side) // vsf, (width or side) // vsf)
     plans, problems = plan_layers(pipe.unet, latent_hw, patterns=layers, max_layers=max_layers, cross=cross,
-                                  self_=self_, resolution=resolution, self_resolution=self_resolution)
-    if problems:
-        if fail_on_shape_error:
-            raise ShapeMismatchError("; ".join(problems))
-        for problem in problems:
-            warnings.warn(problem, ShapeWarning, stacklevel=3)
+                                  self_=self_, resolution=resolution, self_resolution=self_resolution,
+                                  per_head=per_head)
+    settle(problems, fail_on_shape_error)
     return AttentionRecorder(pipe.unet, plans, context_length=context_length(pipe),
                              fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+
+
+def settle(problems: Sequence[str], fail_on_shape_error: bool) -> None:
+    """A plan's uneven-pooling problems: raise them all under ``--fail-on-shape-error``, else warn each."""
+    if problems and fail_on_shape_error:
+        raise ShapeMismatchError("; ".join(problems))
+    for problem in problems:
+        warnings.warn(problem, ShapeWarning, stacklevel=3)
 
 
 def context_length(pipe) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,11 @@ import torch
 from analysis import metrics as metrics_mod
 from analysis import trajectory
 from capture import pipeline as pipeline_mod
+from capture import families
 from capture.config import ConfigError, GenerateConfig
+from capture.families import Family, Peek, TokenInfo
 from capture.progress import Cancelled, Progress
-from capture.recorder import AttentionRecorder, ShapeMismatchError, build_recorder, plan_layers
+from capture.recorder import AttentionRecorder, LayerPlan, settle
 from export import contract
 from export.writer import RunWriter
 
@@ -36,35 +39,6 @@ class SizeLimitError(RuntimeError):
 
 class SizeWarning(UserWarning):
     """The run is projected to be over ``--max-dataset-mb``."""
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-def prompt_tokens(tokenizer, prompt: str) -> tuple[list[dict], list[str]]:
-    """The prompt's own tokens as the pipeline sees them (start, words, end; no padding), and its words."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    texts = tokenizer.convert_ids_to_tokens(ids)
-    special = set(tokenizer.all_special_ids)
-    tokens, words, pending = [], [], []
-
-    def close_word():
-        if pending:
-            words.append(tokenizer.decode([ids[i] for i in pending]).strip())
-            pending.clear()
-
-    for index, (token_id, text) in enumerate(zip(ids, texts)):
-        is_special = token_id in special
-        if is_special:
-            close_word()
-        tokens.append({"index": index, "id": int(token_id), "text": text,
-                       "word": None if is_special else len(words), "special": is_special})
-        if not is_special:
-            pending.append(index)
-            if text.endswith("</w>"):
-                close_word()
-    close_word()
-    return tokens, words
 
 
 # --------------------------------------------------------------------------- taps on the pipeline
@@ -123,9 +97,9 @@ class _StepWriter:
     step, whose copies are done by now. The host never waits for the device mid-run; :meth:`flush`
     writes the last step."""
 
-    def __init__(self, pipe, recorder: AttentionRecorder, tap: _SchedulerTap, writer: RunWriter, *,
+    def __init__(self, pipe, family: Family, recorder: AttentionRecorder, tap: _SchedulerTap, writer: RunWriter, *,
                  num_tokens: int, total: int, emit: Callable[[Progress], None], cancel):
-        self.pipe, self.recorder, self.tap, self.writer = pipe, recorder, tap, writer
+        self.pipe, self.family, self.recorder, self.tap, self.writer = pipe, family, recorder, tap, writer
         self.num_tokens, self.total, self.emit, self.cancel = num_tokens, total, emit, cancel
         self.latents: list[np.ndarray] = []           # x_T, then the latents after each step
         self.noise: list[np.ndarray] = []
@@ -158,23 +132,21 @@ class _StepWriter:
         self.noise.append(arrays["noise"])
         self.timesteps.append(waiting.timestep)
         layers = sorted(maps.cross)
-        self.entropy.append([metrics_mod.attention_entropy(maps.cross[i]) for i in layers])
-        self.token_dists.append([metrics_mod.token_distribution(maps.cross[i]) for i in layers])
+        mean = {i: maps.cross[i].mean(axis=0, dtype=np.float32) if maps.cross[i].ndim == 4 else maps.cross[i]
+                for i in layers}  # the metrics describe the head mean
+        self.entropy.append([metrics_mod.attention_entropy(mean[i]) for i in layers])
+        self.token_dists.append([metrics_mod.token_distribution(mean[i]) for i in layers])
         self.writer.write_step(
             waiting.step, image=arrays["image"],
-            cross={layer: full[: self.num_tokens] for layer, full in maps.cross.items()},
+            cross={layer: full[..., : self.num_tokens, :, :] for layer, full in maps.cross.items()},
             self_=maps.self_)
         self.emit(Progress("denoising", waiting.step + 1, self.total, f"t={waiting.timestep}"))
 
     def _preview(self) -> torch.Tensor:
-        """x̂0 decoded by the VAE, as uint8 [H, W, 3] still on the device."""
         x0 = self.tap.x0
         if x0 is None:
             raise RuntimeError(f"{type(self.pipe.scheduler).__name__}.step gives no pred_original_sample")
-        vae = self.pipe.vae
-        image = vae.decode(x0[-1:].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        image = self.pipe.image_processor.postprocess(image, output_type="pt")[0]  # [3, H, W] in [0, 1]
-        return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)  # as diffusers' numpy_to_pil rounds
+        return self.family.decode_preview(self.pipe, x0)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -185,93 +157,92 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- generate
 
 
+@dataclass
+class Prepared:
+    """What a run is, decided once before any weights load: its family, size, layer plan and tokens.
+    ``plans`` is None until the architecture is known (a hub id is only known once loaded)."""
+
+    family: Family
+    peek: Peek | None = None
+    height: int = 0
+    width: int = 0
+    plans: list[LayerPlan] | None = None
+    tokens: TokenInfo | None = None
+
+
 def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | None = None,
-             cancel: threading.Event | None = None, pipeline=None) -> Path:
+             cancel: threading.Event | None = None, pipeline=None, prepared: Prepared | None = None) -> Path:
     """Record one run into ``config.output_dir`` and return its path.
 
-    Raises ConfigError / LayerSelectionError / ShapeMismatchError / SizeLimitError / ModelLoadError
-    before anything is written; Cancelled if ``cancel`` is set during denoising (nothing is left behind);
-    export's DatasetError if the new run fails validation or the real size breaks an enforced limit.
-    Warnings (ShapeWarning, SizeWarning) go through :mod:`warnings`.
+    ``prepared`` is :func:`prepare`'s answer for this (validated) config; without it the config is
+    validated and prepared here. Raises ConfigError / LayerSelectionError / ShapeMismatchError /
+    SizeLimitError / ModelLoadError before anything is written; Cancelled if ``cancel`` is set during
+    denoising (nothing is left behind); export's DatasetError if the new run fails validation or the
+    real size breaks an enforced limit. Warnings (ShapeWarning, SizeWarning) go through :mod:`warnings`.
     """
     emit = progress or (lambda event: None)
-    if pipeline is None:  # check everything that needs no weights before loading them
-        config, checked = check(config)
-    else:
-        config, checked = _normalised(config).validate(), False
+    if prepared is None:
+        config.validate()
+        prepared = Prepared(families.for_pipeline(pipeline)) if pipeline is not None else prepare(config)
     config.check_paths()
     emit(Progress("loading model", 0, 1, config.model or pipeline_mod.DEFAULT_MODEL_ID))
     pipe = pipeline if pipeline is not None else pipeline_mod.load_pipeline(config.model, config.device, config.dtype)
     emit(Progress("loading model", 1, 1))
-    if not checked:
-        _check_plan(config, pipe.unet, int(pipe.vae_scale_factor), pipe.tokenizer)
+    if prepared.plans is None:
+        prepared = _plan(config, prepared.family, prepared.family.peek_pipe(pipe))
     with _RUN_LOCK:
-        return _generate(config, pipe, emit, cancel)
+        return _generate(config, pipe, prepared, emit, cancel)
 
 
-def check(config: GenerateConfig, *, size_warning: bool = True) -> tuple[GenerateConfig, bool]:
-    """What :func:`generate` checks before it loads any weights, so callers (the CLI, the bridge) fail fast.
+def check(config: GenerateConfig, *, size_warning: bool = True) -> tuple[GenerateConfig, Prepared]:
+    """Validate ``config`` and :func:`prepare` it: what :func:`generate` checks before it loads any weights,
+    so callers (the CLI, the bridge) fail fast. ``size_warning=False`` keeps the plan's warnings silent
+    (an enforced limit still raises)."""
+    return config.validate(), prepare(config, warn=size_warning)
 
-    Square size, every ``GenerateConfig`` rule, the device, and — where the model's configs can be read
-    without its weights — the layer patterns, the pooling fit and the projected size. Returns the
-    normalised config and whether the model-dependent checks ran. ``size_warning=False`` keeps an
-    over-budget projection silent (an enforced limit still raises).
-    """
-    config = _normalised(config).validate()
+
+def prepare(config: GenerateConfig, *, warn: bool = True) -> Prepared:
+    """The checks of a validated config that need the model but not its weights: the device, the family,
+    and where the configs can be read locally, the size rule, layer patterns, pooling fit, tokens and
+    projected size."""
     pipeline_mod.resolve_device(config.device)
-    peek = pipeline_mod.peek_model(config.model)
-    if peek is not None:
-        _check_plan(config, *peek, size_warning=size_warning)
-    return config, peek is not None
+    family, peek = pipeline_mod.peek_model(config.model)
+    return Prepared(family) if peek is None else _plan(config, family, peek, warn=warn)
 
 
-def _check_plan(config: GenerateConfig, unet, vae_scale_factor: int, tokenizer, *, size_warning: bool = True) -> None:
-    """Layer patterns, pooling fit and projected size, from the UNet's structure and the tokenizer alone.
-
-    Raises LayerSelectionError, ShapeMismatchError (uneven pooling under --fail-on-shape-error) or
-    SizeLimitError (under --enforce-size-limit); warns SizeWarning when only over budget.
-    """
-    side = int(unet.config.sample_size) * vae_scale_factor
-    height, width = config.height or side, config.width or side
-    latent_shape = [int(unet.config.in_channels), height // vae_scale_factor, width // vae_scale_factor]
-    plans, problems = plan_layers(
-        unet, tuple(latent_shape[1:]), patterns=config.layers, max_layers=config.max_layers,
-        cross=config.include_cross_attention, self_=config.include_self_attention,
-        resolution=config.attention_resolution, self_resolution=config.self_attention_resolution)
-    if problems and config.fail_on_shape_error:
-        raise ShapeMismatchError("; ".join(problems))
-    num_tokens = len(prompt_tokens(tokenizer, config.prompt)[0])
+def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = True) -> Prepared:
+    """Raises ConfigError (size), LayerSelectionError, ShapeMismatchError (uneven pooling under
+    --fail-on-shape-error) or SizeLimitError (under --enforce-size-limit); warns otherwise."""
+    native_h, native_w = family.native_size(peek)
+    height, width = config.height or native_h, config.width or native_w
+    multiple = family.size_multiple(peek)
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ConfigError(name, f"must be a multiple of {multiple} for {family.pipeline_class}, got {value}")
+    vsf = peek.vae_scale_factor
+    plans, problems = family.plan(peek, (height // vsf, width // vsf), config)
+    if config.fail_on_shape_error or warn:
+        settle(problems, config.fail_on_shape_error)
+    tokens = family.tokens(peek.tokenizers, config.prompt)
+    latent_shape = [int(peek.denoiser.config.in_channels), height // vsf, width // vsf]
     projected = contract.projected_bytes(
-        config.num_steps, [plan.to_metadata(num_tokens) for plan in plans], image_size=(height, width),
+        config.num_steps, [plan.to_metadata(len(tokens.tokens)) for plan in plans], image_size=(height, width),
         latent_shape=latent_shape, save_latents_noise=config.save_latents_noise)
     if projected > config.max_dataset_mb * 1e6:
         message = (f"the run is projected at {projected / 1e6:.1f} MB, over --max-dataset-mb "
                    f"{config.max_dataset_mb:g}; lower --num-steps, --max-layers or the resolutions")
         if config.enforce_size_limit:
             raise SizeLimitError(message)
-        if size_warning:
+        if warn:
             warnings.warn(message, SizeWarning, stacklevel=3)
+    return Prepared(family, peek, height, width, plans, tokens)
 
 
-def _normalised(config: GenerateConfig) -> GenerateConfig:
-    if (config.height is None) != (config.width is None):
-        side = config.height or config.width
-        config = GenerateConfig(**{**config.to_dict(), "height": side, "width": side, "layers": config.layers})
-    if config.height is not None and config.height != config.width:
-        raise ConfigError("width", f"must equal --height ({config.height}): dataset schema "
-                                   f"{contract.SCHEMA_VERSION} stores square attention grids")
-    return config
-
-
-def _generate(config: GenerateConfig, pipe, emit, cancel) -> Path:
-    native_h, native_w = pipeline_mod.native_size(pipe)
-    height, width = config.height or native_h, config.width or native_w
-    recorder = build_recorder(
-        pipe, layers=config.layers, max_layers=config.max_layers, cross=config.include_cross_attention,
-        self_=config.include_self_attention, resolution=config.attention_resolution,
-        self_resolution=config.self_attention_resolution, height=height, width=width,
-        fail_on_shape_error=config.fail_on_shape_error)
-    tokens, words = prompt_tokens(pipe.tokenizer, config.prompt)
+def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) -> Path:
+    family, height, width = prepared.family, prepared.height, prepared.width
+    recorder = AttentionRecorder(pipe.unet, prepared.plans, context_length=prepared.peek.context_length,
+                                 fail_on_shape_error=config.fail_on_shape_error)
+    tokens = prepared.tokens.tokens
     vsf = int(pipe.vae_scale_factor)
     latent_shape = [int(pipe.unet.config.in_channels), height // vsf, width // vsf]
     limit = int(config.max_dataset_mb * 1e6)
@@ -279,20 +250,21 @@ def _generate(config: GenerateConfig, pipe, emit, cancel) -> Path:
     device = next(pipe.unet.parameters()).device
     writer = RunWriter(config.output_dir, overwrite=config.overwrite_output)
     with writer, torch.no_grad(), _SchedulerTap(pipe.scheduler) as tap:
-        step_writer = _StepWriter(pipe, recorder, tap, writer, num_tokens=len(tokens), total=config.num_steps,
-                                  emit=emit, cancel=cancel)
+        step_writer = _StepWriter(pipe, family, recorder, tap, writer, num_tokens=len(tokens),
+                                  total=config.num_steps, emit=emit, cancel=cancel)
         emit(Progress("denoising", 0, config.num_steps))
         recorder.install()
         try:
-            pipe(config.prompt, negative_prompt=config.negative_prompt or None, guidance_scale=config.cfg_scale,
-                 num_inference_steps=config.num_steps, height=height, width=width,
-                 generator=torch.Generator("cpu").manual_seed(config.seed), output_type="latent",
-                 callback_on_step_end=step_writer)
+            out = pipe(config.prompt, num_inference_steps=config.num_steps, height=height, width=width,
+                       generator=torch.Generator("cpu").manual_seed(config.seed), output_type="np",
+                       callback_on_step_end=step_writer, **family.pipeline_kwargs(config))
             step_writer.flush()
         finally:
             recorder.remove()
         if len(step_writer.timesteps) != config.num_steps:
             raise RuntimeError(f"the pipeline ran {len(step_writer.timesteps)} steps, not {config.num_steps}")
+        # The pipeline's own output, rounded as diffusers' numpy_to_pil rounds.
+        writer.write_final_image((np.asarray(out.images[0]) * 255).round().astype(np.uint8))
 
         emit(Progress("analysis", 0, 1))
         latents = np.stack(step_writer.latents)
@@ -306,8 +278,7 @@ def _generate(config: GenerateConfig, pipe, emit, cancel) -> Path:
         emit(Progress("analysis", 1, 1))
 
         emit(Progress("writing", 0, 1))
-        metadata = _metadata(config, pipe, recorder, tokens, words, step_writer.timesteps, latent_shape,
-                             height, width, str(device))
+        metadata = _metadata(config, pipe, prepared, recorder, step_writer.timesteps, latent_shape, str(device))
         emit(Progress("writing", 1, 1))
         emit(Progress("validating", 0, 1, "writing the JSON files, checking every file, renaming into place"))
         path = writer.finish(
@@ -323,21 +294,25 @@ def _generate(config: GenerateConfig, pipe, emit, cancel) -> Path:
     return Path(path)
 
 
-def _metadata(config: GenerateConfig, pipe, recorder: AttentionRecorder, tokens, words, timesteps,
-              latent_shape, height, width, device) -> dict[str, Any]:
+def _metadata(config: GenerateConfig, pipe, prepared: Prepared, recorder: AttentionRecorder, timesteps,
+              latent_shape, device) -> dict[str, Any]:
     context = recorder.context_length
+    info = prepared.tokens
+    tokens = info.tokens
     cross_on = config.include_cross_attention and bool(recorder.layers)
     self_on = config.include_self_attention and bool(recorder.layers)
     return {
         "run": {
             "prompt": config.prompt, "negative_prompt": config.negative_prompt, "cfg_scale": config.cfg_scale,
-            "num_steps": config.num_steps, "seed": config.seed, "height": height, "width": width,
+            "num_steps": config.num_steps, "seed": config.seed, "height": prepared.height, "width": prepared.width,
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "device": device,
             "scheduler": type(pipe.scheduler).__name__, "model": pipeline_mod.model_info(config.model),
             "layer_patterns": list(config.layers), "max_layers": config.max_layers,
         },
+        "family": {**prepared.family.describe(prepared.peek), "tokens_from": info.tokens_from},
+        "token_sets": info.token_sets,
         "tokens": tokens,
-        "words": words,
+        "words": info.words,
         "context_length": context,
         "timesteps": list(timesteps),
         "latent_shape": latent_shape,
@@ -345,7 +320,7 @@ def _metadata(config: GenerateConfig, pipe, recorder: AttentionRecorder, tokens,
         "preview": PREVIEW,
         "attention": {
             "cfg_half": "conditional" if pipe.do_classifier_free_guidance else "all (no CFG batch)",
-            "heads": "mean",
+            "heads": "per_head" if config.per_head else "mean",
             "cross": {"enabled": cross_on, "resolution": config.attention_resolution, "tokens": "prompt",
                       "full_distribution": len(tokens) == context, "sum_rule": contract.CROSS_SUM_RULE},
             "self": {"enabled": self_on, "resolution": config.self_attention_resolution,

@@ -12,16 +12,18 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-#: The layout version this code writes and reads.
-SCHEMA_VERSION = 1
-#: Every schema_version this code can read.
-KNOWN_SCHEMA_VERSIONS = frozenset({1})
+#: The layout version this code writes.
+SCHEMA_VERSION = 2
+#: Every schema_version this code can read (schema 1 runs stay valid and readable).
+KNOWN_SCHEMA_VERSIONS = frozenset({1, 2})
 
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
 PCA_FILE = "latent_pca.json"
 VALIDATION_FILE = "validation.json"
 LATENTS_FILE = "latents_noise_fp16.npz"
+#: The pipeline's own output image (schema 2; required there).
+FINAL_IMAGE = "images/final.png"
 #: Files that live in a run but are not listed in its manifest.
 UNLISTED_FILES = frozenset({METADATA_FILE, VALIDATION_FILE})
 #: JSON files listed in the manifest (written by ``RunWriter.finish``).
@@ -41,12 +43,35 @@ SUM_TOLERANCE = 1e-2
 CROSS_SUM_RULE = "stored maps sum to <= 1 over tokens; == 1 only if full_distribution"
 SELF_SUM_RULE = "each row sums to 1"
 
+#: ``attention.heads``: cross maps averaged over heads, or kept per head (schema 2 only).
+HEADS_MEAN, HEADS_PER_HEAD = "mean", "per_head"
+#: ``layers[].kind`` (schema 2): a UNet transformer block, an MM-DiT joint block, a single-stream block.
+LAYER_KINDS = ("unet", "joint", "single")
+#: The family every schema-1 run implicitly has (schema 1 predates ``metadata.family``).
+V1_FAMILY = {
+    "name": "sd", "pipeline": "StableDiffusionPipeline",
+    "text_encoders": [{"name": "text_encoder", "class": "CLIPTextModel", "tokenizer": "tokenizer"}],
+    "tokens_from": "tokenizer",
+}
+
 
 class DatasetError(ValueError):
     """A problem with a run's data or layout. The message is one line naming the problem."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def cross_shape(tokens: int, grid: Sequence[int], heads: int | None = None) -> list[int]:
+    """A layer's stored cross shape: ``[T, h, w]``, or ``[heads, T, h, w]`` when ``heads`` is given (per-head runs)."""
+    shape = [int(tokens), int(grid[0]), int(grid[1])]
+    return shape if heads is None else [int(heads)] + shape
+
+
+def self_shape(grid: Sequence[int]) -> list[int]:
+    """A layer's stored self shape for a ``(sh, sw)`` grid: ``[sh*sw, sh*sw]`` (query cells x key cells)."""
+    n = int(grid[0]) * int(grid[1])
+    return [n, n]
 
 
 def cross_path(layer: int, step: int) -> str:
@@ -136,9 +161,9 @@ def projected_bytes(
     """Projected size of a run in bytes, before generating it.
 
     ``layers`` are metadata-style dicts with ``cross_shape`` / ``self_shape`` (``None`` when that
-    kind is disabled). Maps are exact (``prod(shape) * 2`` per step); previews are counted at
-    their raw RGB size ``H * W * 3`` (PNG is usually smaller, so this is an upper estimate for
-    them); the optional latents file is ``(2N + 1) * prod(latent_shape) * 2`` plus the npz
+    kind is disabled; per-head cross shapes included). Maps are exact (``prod(shape) * 2`` per
+    step); the N previews and the final image (``image_size`` given) are counted at their raw RGB
+    size ``H * W * 3`` (PNG is usually smaller, so this is an upper estimate for them); the optional latents file is ``(2N + 1) * prod(latent_shape) * 2`` plus the npz
     framing; JSON is a fixed allowance plus a per-file and per-value allowance.
     """
     n = int(num_steps)
@@ -154,11 +179,11 @@ def projected_bytes(
                 total += n * shape_bytes(shape)
                 files += n
         if layer.get("cross_shape"):
-            tokens = max(tokens, int(layer["cross_shape"][0]))
+            tokens = max(tokens, int(layer["cross_shape"][-3]))  # [T, h, w] or [heads, T, h, w]
     if image_size is not None:
         h, w = image_size
-        total += n * (int(h) * int(w) * 3 + 1024)
-        files += n
+        total += (n + 1) * (int(h) * int(w) * 3 + 1024)  # previews + FINAL_IMAGE
+        files += n + 1
     if save_latents_noise and latent_shape is not None:
         total += (2 * n + 1) * math.prod(int(d) for d in latent_shape) * BIN_ITEMSIZE + 1024
         files += 1

@@ -6,10 +6,14 @@
     run = open_run({"run/metadata.json": b"...", ...})  # uploaded files, with or without the folder prefix
 
     run.metadata, run.metrics, run.pca      # read up front
-    run.cross(layer, step)                  # float32 [T, r, r], read on first use, then cached
-    run.self_attention(layer, step)         # float32 [s*s, s*s]
+    run.cross(layer, step)                  # float32 [T, h, w], always the head-mean; read on first use, then cached
+    run.cross_heads(layer, step)            # float32 [heads, T, h, w] (per-head runs only)
+    run.self_attention(layer, step)         # float32 [sh*sw, sh*sw]
     run.image(step)                         # uint8 [H, W, 3]
+    run.final_image()                       # uint8 [H, W, 3], the pipeline's own output, or None (schema 1)
     run.latents()                           # (latents [N+1, C, h, w], noise [N, C, h, w]) float32, or None
+    run.schema_version, run.family, run.per_head, run.num_heads(layer), run.self_grid(layer),
+    run.cross_grid(layer), run.image_size   # schema 1 runs get schema-2 answers (family: contract.V1_FAMILY)
 
 Each source only implements ``read_bytes(relpath) -> bytes`` (whole files: HTTP range requests are
 never assumed). Arrays handed out are read-only, because the cache shares them. Every problem
@@ -17,8 +21,10 @@ with the data raises :class:`export.contract.DatasetError` with one line naming 
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -289,6 +295,58 @@ class Run:
         return len(self.metadata["tokens"])
 
     @property
+    def schema_version(self) -> int:
+        return int(self.metadata["schema_version"])
+
+    @property
+    def family(self) -> dict[str, Any]:
+        """``metadata.family``; schema 1 runs are all Stable Diffusion (``contract.V1_FAMILY``, a fresh copy)."""
+        if self.schema_version == 1:
+            return copy.deepcopy(contract.V1_FAMILY)
+        family = self.metadata.get("family")
+        if not isinstance(family, dict):
+            raise DatasetError(f"{contract.METADATA_FILE}: 'family' is missing or not a dict")
+        return family
+
+    @property
+    def per_head(self) -> bool:
+        return self.metadata["attention"].get("heads") == contract.HEADS_PER_HEAD
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the generated image (``run.height``, ``run.width``)."""
+        return int(self.metadata["run"]["height"]), int(self.metadata["run"]["width"])
+
+    def _layer(self, layer: int) -> dict[str, Any]:
+        self._check_index(layer, None)
+        return self.layers[int(layer)]
+
+    def num_heads(self, layer: int) -> int | None:
+        """The layer's stored heads in a per-head run; None when maps are head-means."""
+        meta = self._layer(layer)  # index checked either way
+        return int(meta["heads"]) if self.per_head else None
+
+    def cross_grid(self, layer: int) -> tuple[int, int]:
+        """``(h, w)`` of the layer's stored cross maps."""
+        shape = self._layer(layer)["cross_shape"]
+        if not shape:
+            raise DatasetError(f"layer {layer}: cross attention was not recorded")
+        return int(shape[-2]), int(shape[-1])
+
+    def self_grid(self, layer: int) -> tuple[int, int]:
+        """``(sh, sw)`` of the layer's stored self maps (schema 1: square, from ``self_shape``)."""
+        meta = self._layer(layer)
+        if not meta["self_shape"]:
+            raise DatasetError(f"layer {layer}: self attention was not recorded")
+        if self.schema_version >= 2:
+            grid = meta.get("self_grid")
+            if not isinstance(grid, list) or len(grid) != 2:
+                raise DatasetError(f"{contract.METADATA_FILE}: layers[{layer}].self_grid is missing or not [sh, sw]")
+            return int(grid[0]), int(grid[1])
+        side = math.isqrt(int(meta["self_shape"][0]))
+        return side, side
+
+    @property
     def has_cross(self) -> bool:
         return bool(self.metadata["attention"].get("cross", {}).get("enabled"))
 
@@ -318,8 +376,8 @@ class Run:
             raise DatasetError(f"{relpath}: {len(data)} bytes, the manifest says {entry['bytes']}")
         return data
 
-    def _check_index(self, layer: int | None, step: int) -> None:
-        if not 0 <= int(step) < self.num_steps:
+    def _check_index(self, layer: int | None, step: int | None) -> None:
+        if step is not None and not 0 <= int(step) < self.num_steps:
             raise IndexError(f"step {step} is out of range 0..{self.num_steps - 1}")
         if layer is not None and not 0 <= int(layer) < self.num_layers:
             raise IndexError(f"layer {layer} is out of range 0..{self.num_layers - 1}")
@@ -351,9 +409,31 @@ class Run:
         return self._cached(relpath, load)
 
     def cross(self, layer: int, step: int) -> np.ndarray:
-        """Cross-attention map of the prompt's tokens, float32 ``[T, r, r]`` (read-only)."""
+        """Cross-attention map of the prompt's tokens, float32 ``[T, h, w]`` (read-only); always the
+        mean over heads, so callers need not know whether the run stored heads."""
         self._check_index(layer, step)
-        return self._map(contract.cross_path(layer, step), contract.KIND_CROSS)
+        rel = contract.cross_path(layer, step)
+        stored = self._map(rel, contract.KIND_CROSS)
+        if stored.ndim != 4:
+            return stored
+
+        def mean() -> np.ndarray:
+            arr = stored.mean(axis=0, dtype=np.float32)
+            arr.flags.writeable = False
+            return arr
+
+        return self._cached(rel + "#mean", mean)
+
+    def cross_heads(self, layer: int, step: int) -> np.ndarray:
+        """Per-head cross-attention maps, float32 ``[heads, T, h, w]`` (read-only); DatasetError unless per-head."""
+        self._check_index(layer, step)
+        if not self.per_head:
+            raise DatasetError("this run stores head-mean cross maps (attention.heads is not 'per_head'); no per-head maps")
+        rel = contract.cross_path(layer, step)
+        stored = self._map(rel, contract.KIND_CROSS)
+        if stored.ndim != 4:
+            raise DatasetError(f"{rel}: shape {list(stored.shape)} is not [heads, T, h, w]")
+        return stored
 
     def self_attention(self, layer: int, step: int) -> np.ndarray:
         """Pooled self-attention map, float32 ``[s*s, s*s]`` (query grid x key grid, read-only)."""
@@ -363,8 +443,13 @@ class Run:
     def image(self, step: int) -> np.ndarray:
         """The decoded x̂0 preview of a step, uint8 ``[H, W, 3]`` (read-only)."""
         self._check_index(None, step)
-        rel = contract.image_path(step)
+        return self._png(contract.image_path(step))
 
+    def final_image(self) -> np.ndarray | None:
+        """The pipeline's own output, uint8 ``[H, W, 3]`` (read-only); None when the run has none (schema 1)."""
+        return self._png(contract.FINAL_IMAGE) if contract.FINAL_IMAGE in self.files else None
+
+    def _png(self, rel: str) -> np.ndarray:
         def load() -> np.ndarray:
             from PIL import Image
 

@@ -9,17 +9,23 @@ Problems (the run is invalid; exit 1):
     (``.bin``) whose ``bytes`` is not ``prod(shape) * 2`` or whose dtype is not ``<f2``;
   * non-finite values (NaN/Inf) or negative values in a map or in the latents file;
   * cross maps whose sum over tokens exceeds ``1 + tol`` anywhere, or (only where
-    ``attention.cross.full_distribution`` is true) differs from 1 by more than ``tol``;
+    ``attention.cross.full_distribution`` is true) differs from 1 by more than ``tol``; in a
+    per-head run each head's map on its own;
     self maps whose rows do not sum to 1 within ``tol`` (``tol`` = ``contract.SUM_TOLERANCE``);
   * a PNG that does not decode, or decodes to a size other than its manifest ``shape``;
   * an incomplete or inconsistent run: a map or preview missing for some layer/step, shapes that
-    differ from ``metadata.layers``, token counts, step counts and metric lengths that disagree.
+    differ from ``metadata.layers``, token counts, step counts and metric lengths that disagree;
+  * schema 1: grids that are not square. Schema 2: ``self_shape`` other than ``[sh*sw, sh*sw]`` of
+    ``self_grid``, a per-head ``cross_shape`` whose heads differ from ``layers[].heads``, a token set
+    past ``context_length``, ``family.tokens_from`` naming no listed tokenizer, ``images/final.png``
+    missing or not ``[run.height, run.width, 3]``.
 
 Warnings (reported; problems only under ``--strict``):
   * files in the folder that the manifest does not list (``metadata.json`` and
     ``validation.json`` excepted) and manifest entries that are not part of the layout;
   * ``validation.json`` missing, unreadable, or recording problems;
-  * a map stored larger than its layer's native grid or the requested resolution (pooled up).
+  * a map stored larger than its layer's native grid (either side) or the requested resolution
+    (long side) (pooled up).
 
 Each file gets at most one problem line (the first check it fails), so one corruption gives one line.
 """
@@ -54,6 +60,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files_checked: int = 0
+    #: The checked run's schema_version (None when it could not be read).
+    schema_version: int | None = None
 
     @property
     def valid(self) -> bool:
@@ -66,7 +74,7 @@ def report_json(report: Report) -> dict[str, Any]:
 
     return {
         "validator": f"{GENERATOR['name']} {GENERATOR['version']}",
-        "schema_version": contract.SCHEMA_VERSION,
+        "schema_version": report.schema_version if report.schema_version is not None else contract.SCHEMA_VERSION,
         "valid": report.valid,
         "problems": list(report.problems),
         "warnings": list(report.warnings),
@@ -130,7 +138,7 @@ class _Checker:
             meta = _load_json(self.root, contract.METADATA_FILE)
             if not isinstance(meta, dict):
                 raise DatasetError(f"{contract.METADATA_FILE}: not a JSON object")
-            contract.known_schema_version(meta)
+            self.version = self.report.schema_version = contract.known_schema_version(meta)
         except DatasetError as exc:
             self.problem(str(exc))
             return self.report
@@ -179,21 +187,14 @@ class _Checker:
             names.add(layer["name"])
             native = layer.get("native")
             cs, ss = layer["cross_shape"], layer["self_shape"]
-            if cs is not None:
-                cross_on = True
-                if cs[0] != self.t:
-                    self.problem(f"{where}.cross_shape has {cs[0]} tokens but metadata lists {self.t}")
-                if cs[1] != cs[2]:
-                    self.problem(f"{where}.cross_shape {cs} is not square")
-                if cs[1] > att["cross"]["resolution"] or (native and cs[1] > max(native)):
-                    self.warning(f"{where}: cross maps stored at {cs[1]}, above the requested resolution or native grid (pooled up)")
-            if ss is not None:
-                self_on = True
-                side = math.isqrt(ss[0])
-                if ss[0] != ss[1] or side * side != ss[0]:
-                    self.problem(f"{where}.self_shape {ss} is not [s*s, s*s]")
-                elif side > att["self"]["resolution"] or (native and side > max(native)):
-                    self.warning(f"{where}: self maps stored at {side}, above the requested resolution or native grid (pooled up)")
+            cross_on |= cs is not None
+            self_on |= ss is not None
+            grid = self.check_cross_shape(where, layer, cs) if cs is not None else None
+            if grid is not None:
+                self.check_pooled(where, "cross", grid, att["cross"]["resolution"], native)
+            grid = self.check_self_shape(where, layer, ss)
+            if grid is not None:
+                self.check_pooled(where, "self", grid, att["self"]["resolution"], native)
         if cross_on != att["cross"]["enabled"]:
             self.problem(f"metadata.json: attention.cross.enabled is {att['cross']['enabled']} but layers say {cross_on}")
         if self_on != att["self"]["enabled"]:
@@ -202,6 +203,65 @@ class _Checker:
             self.problem(f"metadata.json: {self.t} tokens exceed context_length {m['context_length']}")
         if att["cross"]["full_distribution"] and self.t != m["context_length"]:
             self.problem(f"metadata.json: attention.cross.full_distribution is true but {self.t} tokens != context_length {m['context_length']}")
+        if self.version >= 2:
+            self.check_family_and_token_sets()
+
+    def check_cross_shape(self, where: str, layer: dict[str, Any], cs: list[int]) -> tuple[int, int] | None:
+        """Problems with a layer's cross_shape; its stored (h, w) grid when the shape makes sense."""
+        per_head = self.version >= 2 and self.meta["attention"]["heads"] == contract.HEADS_PER_HEAD
+        if len(cs) != (4 if per_head else 3):
+            want = "[heads, T, h, w] (attention.heads is 'per_head')" if per_head else "[T, h, w]"
+            self.problem(f"{where}.cross_shape {cs} is not {want}")
+            return None
+        if per_head and cs[0] != layer["heads"]:
+            self.problem(f"{where}.cross_shape has {cs[0]} heads but layers[{layer['index']}].heads is {layer['heads']}")
+        if cs[-3] != self.t:
+            self.problem(f"{where}.cross_shape has {cs[-3]} tokens but metadata lists {self.t}")
+        if self.version == 1 and cs[1] != cs[2]:
+            self.problem(f"{where}.cross_shape {cs} is not square")
+            return None
+        return cs[-2], cs[-1]
+
+    def check_self_shape(self, where: str, layer: dict[str, Any], ss: list[int] | None) -> tuple[int, int] | None:
+        """Problems with a layer's self_shape (and, in schema 2, self_grid); the (sh, sw) grid when it makes sense."""
+        if self.version == 1:
+            if ss is None:
+                return None
+            side = math.isqrt(ss[0])
+            if ss[0] != ss[1] or side * side != ss[0]:
+                self.problem(f"{where}.self_shape {ss} is not [s*s, s*s]")
+                return None
+            return side, side
+        sg = layer["self_grid"]
+        if (sg is None) != (ss is None):
+            self.problem(f"{where}: self_grid is {sg} but self_shape is {ss} (null exactly when the other is)")
+            return None
+        if sg is None:
+            return None
+        if list(ss) != contract.self_shape(sg):
+            self.problem(f"{where}.self_shape {ss} is not [sh*sw, sh*sw] = {contract.self_shape(sg)} for self_grid {sg}")
+            return None
+        return sg[0], sg[1]
+
+    def check_pooled(self, where: str, kind: str, grid: tuple[int, int], resolution: int, native: list[int] | None) -> None:
+        """Warn about a grid above the requested resolution (long side) or above the native grid (either side)."""
+        if max(grid) > resolution or (native and (grid[0] > native[0] or grid[1] > native[1])):
+            shown = str(grid[0]) if grid[0] == grid[1] else f"{grid[0]}x{grid[1]}"
+            self.warning(f"{where}: {kind} maps stored at {shown}, above the requested resolution or native grid (pooled up)")
+
+    def check_family_and_token_sets(self) -> None:
+        m = self.meta
+        encoders = {e["name"] for e in m["family"]["text_encoders"]}
+        tokenizers = {e["tokenizer"] for e in m["family"]["text_encoders"]}
+        if m["family"]["tokens_from"] not in tokenizers:
+            self.problem(f"metadata.json: family.tokens_from {m['family']['tokens_from']!r} is not a tokenizer of "
+                         f"family.text_encoders ({', '.join(sorted(tokenizers))})")
+        for i, ts in enumerate(m["token_sets"]):
+            where = f"metadata.json: token_sets[{i}]"
+            if ts["encoder"] not in encoders:
+                self.problem(f"{where}.encoder {ts['encoder']!r} is not in family.text_encoders")
+            if ts["offset"] + ts["length"] > m["context_length"]:
+                self.problem(f"{where}: offset {ts['offset']} + length {ts['length']} exceeds context_length {m['context_length']}")
 
     # ------------------------------------------------------------------ files
     def check_files(self) -> dict[str, dict[str, Any]]:
@@ -265,14 +325,22 @@ class _Checker:
 
     def check_cross(self, a: np.ndarray) -> None:
         a64 = self._finite_nonneg(a)
-        if a64.ndim != 3:
-            raise DatasetError(f"cross map shape {list(a.shape)} is not [T, r, r]")
-        sums = a64.sum(axis=0)
+        if a64.ndim not in (3, 4):
+            raise DatasetError(f"cross map shape {list(a.shape)} is not [T, h, w] or [heads, T, h, w]")
+        # Per-head maps: each head is its own distribution, so the rule holds head by head (a head-mean
+        # within the rule could hide a head outside it). A [T, h, w] map is checked as one "head".
+        heads = a64.reshape((-1,) + a64.shape[-3:])
         tol = contract.SUM_TOLERANCE
-        if sums.size and sums.max() > 1 + tol:
-            raise DatasetError(f"sum over tokens reaches {sums.max():.4f} > 1 + {tol:g} ({contract.CROSS_SUM_RULE})")
-        if self.meta["attention"]["cross"]["full_distribution"] and sums.size and np.abs(sums - 1).max() > tol:
-            raise DatasetError(f"full_distribution is true but sums over tokens range {sums.min():.4f}..{sums.max():.4f}, not 1 ± {tol:g}")
+        full = self.meta["attention"]["cross"]["full_distribution"]
+        for k, head in enumerate(heads):
+            sums = head.sum(axis=0)
+            if not sums.size:
+                continue
+            which = f"head {k}: " if a64.ndim == 4 else ""
+            if sums.max() > 1 + tol:
+                raise DatasetError(f"{which}sum over tokens reaches {sums.max():.4f} > 1 + {tol:g} ({contract.CROSS_SUM_RULE})")
+            if full and np.abs(sums - 1).max() > tol:
+                raise DatasetError(f"{which}full_distribution is true but sums over tokens range {sums.min():.4f}..{sums.max():.4f}, not 1 ± {tol:g}")
 
     def check_self(self, a: np.ndarray) -> None:
         a64 = self._finite_nonneg(a)
@@ -322,6 +390,9 @@ class _Checker:
     # ------------------------------------------------------------------ completeness
     def expected_layout(self) -> dict[str, tuple[str, list[int] | None]]:
         expected: dict[str, tuple[str, list[int] | None]] = {}
+        if self.version >= 2:
+            run = self.meta["run"]
+            expected[contract.FINAL_IMAGE] = (contract.KIND_IMAGE, [run["height"], run["width"], 3])
         for s in range(self.n):
             expected[contract.image_path(s)] = (contract.KIND_IMAGE, None)
             for layer in self.meta["layers"]:
@@ -353,8 +424,9 @@ class _Checker:
             if entry["kind"] != kind:
                 self.problem(f"{rel}: kind {entry['kind']!r}, expected {kind!r}")
             elif shape is not None and list(entry["shape"]) != list(shape):
-                self.problem(f"{rel}: shape {entry['shape']} differs from its layer's {shape}")
-            elif kind == contract.KIND_IMAGE:
+                whose = "[run.height, run.width, 3]" if kind == contract.KIND_IMAGE else "its layer's"
+                self.problem(f"{rel}: shape {entry['shape']} differs from {whose} {shape}")
+            elif kind == contract.KIND_IMAGE and rel != contract.FINAL_IMAGE:
                 image_shapes.add(tuple(entry["shape"]))
         if len(image_shapes) > 1:
             self.problem(f"images: previews have different sizes {sorted(image_shapes)}")

@@ -3,13 +3,15 @@
     with RunWriter("datasets/my_run", overwrite=False) as w:
         for step in range(n):
             w.write_step(step, image=img, cross={0: cross_map}, self_={0: self_map})
+        w.write_final_image(final)   # the pipeline's own output (schema 2)
         w.finish(metadata, metrics, latent_pca, latents=latents, noise=noise)
 
 * Everything is written into a temporary folder beside the target
   (``.<name>.partial-<pid>-<random>``), so the final rename stays on one filesystem.
 * ``write_step`` writes its files at once (float16 LE C-order ``.bin`` and PNG) and keeps only the
   manifest entry (bytes + sha256), so memory does not grow with the number of steps.
-* ``finish`` writes the JSON files, the manifest in ``metadata.json``, runs the validator on the
+* ``finish`` fills ``schema_version`` (``contract.SCHEMA_VERSION``, 2) unless the caller gave one,
+  writes the JSON files, the manifest in ``metadata.json``, runs the validator on the
   new folder, writes ``validation.json`` and only then moves the folder into place. An existing
   run is replaced only at that point: on Linux with one atomic exchange (``renameat2``), elsewhere
   with two renames whose in-between state is recovered by the next writer.
@@ -221,13 +223,21 @@ class RunWriter:
                                 shape=[image.height, image.width, 3])
 
     def _check_layer_shape(self, kind: str, layer: int, shape: tuple[int, ...]) -> None:
-        want_ndim = 3 if kind == contract.KIND_CROSS else 2
-        if len(shape) != want_ndim or (kind == contract.KIND_SELF and shape[0] != shape[1]):
-            expected = "[T, r, r]" if kind == contract.KIND_CROSS else "[s*s, s*s]"
+        # Cross: [T, h, w] (head-mean) or [heads, T, h, w] (per head); grids may be non-square.
+        # Self: [sh*sw, sh*sw], query cells x key cells.
+        if kind == contract.KIND_CROSS:
+            ok, expected = len(shape) in (3, 4), "[T, h, w] or [heads, T, h, w]"
+        else:
+            ok, expected = len(shape) == 2 and shape[0] == shape[1], "[s*s, s*s]"
+        if not ok:
             raise DatasetError(f"{kind} map for layer {layer}: shape {list(shape)} is not {expected}")
         seen = self._layer_shapes.setdefault((kind, layer), shape)
         if seen != shape:
             raise DatasetError(f"{kind} map for layer {layer}: shape {list(shape)} differs from earlier steps' {list(seen)}")
+
+    def write_final_image(self, image: Any) -> dict[str, Any]:
+        """Write the pipeline's own output (uint8 ``[H, W, 3]`` or PIL) as ``contract.FINAL_IMAGE``; required in schema 2."""
+        return self.write_image(contract.FINAL_IMAGE, image)
 
     def write_step(
         self,

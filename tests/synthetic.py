@@ -4,8 +4,9 @@
     run_dir = write_synthetic_run(tmp_path / "run", steps=4, layers=2, tokens=5, r=8, s=4)
 
 The data follow the contract's rules: cross maps are a softmax over ``context_length`` keys
-(``tokens + pad`` of them) sliced to the prompt's tokens, so they sum to < 1 over tokens unless
-``pad=0``; self maps are row-softmaxes; metrics and PCA come from ``analysis`` on the same data.
+(``tokens + pad`` of them, per head with ``per_head=True``) sliced to the prompt's tokens, so they sum
+to < 1 over tokens unless ``pad=0``; self maps are row-softmaxes; metrics and PCA come from
+``analysis`` on the same data. Schema 2 by default; ``grid=(4, 8)`` for non-square maps.
 """
 from __future__ import annotations
 
@@ -60,30 +61,57 @@ def write_synthetic_run(
     save_latents: bool = True,
     layer_resolutions: Sequence[int] | None = None,
     overwrite: bool = True,
+    schema_version: int = contract.SCHEMA_VERSION,
+    per_head: bool = False,
+    heads: int = 2,
+    grid: tuple[int, int] | None = None,
+    self_grid: tuple[int, int] | None = None,
+    image_hw: tuple[int, int] | None = None,
 ) -> Path:
     """Write a valid random run to ``path`` and return it.
 
-    ``layer_resolutions`` gives each layer's stored cross grid (default ``r`` for all); a layer's
-    self grid is ``min(s, its cross grid)``. ``pad`` extra keys stand for CLIP's padding slots.
+    ``layer_resolutions`` gives each layer's stored square cross grid (default ``r`` for all); a
+    layer's self grid is then ``min(s, its cross grid)``. ``grid=(h, w)`` instead gives every layer a
+    (possibly non-square) cross grid, with self grid ``self_grid`` (default: the cross grid). ``pad``
+    extra keys stand for CLIP's padding slots. ``image_hw=(H, W)`` overrides the square ``image_size``.
+
+    ``schema_version=2`` (the default) adds ``family``, ``token_sets``, ``layers[].kind/heads/self_grid``
+    and ``images/final.png``; ``per_head`` stores ``[heads, T, h, w]`` cross maps, each head its own
+    softmax over the keys. ``schema_version=1`` writes a run as schema 1 did (square grids only).
     """
     rng = np.random.default_rng(seed)
     n, t = int(steps), int(tokens)
     k = t + int(pad)
+    v2 = schema_version >= 2
+    if not v2 and (per_head or grid is not None or self_grid is not None or image_hw is not None):
+        raise ValueError("per_head, grid, self_grid and image_hw need schema_version=2")
+    if grid is not None and layer_resolutions is not None:
+        raise ValueError("give grid or layer_resolutions, not both")
     res = list(layer_resolutions) if layer_resolutions is not None else [r] * layers
     if len(res) != layers:
         raise ValueError("layer_resolutions needs one entry per layer")
+    if grid is not None:
+        grids = [tuple(grid)] * layers
+        self_grids = [tuple(self_grid or grid)] * layers
+    else:
+        grids = [(ri, ri) for ri in res]
+        self_grids = [(min(s, ri),) * 2 for ri in res]
+    height, width = image_hw if image_hw is not None else (image_size, image_size)
+    nh = int(heads) if per_head else None
     token_recs, words = synthetic_tokens(prompt, t)
     layer_recs = []
-    for i, ri in enumerate(res):
-        si = min(s, ri)
-        layer_recs.append({
+    for i, (g, sg) in enumerate(zip(grids, self_grids)):
+        rec = {
             "index": i,
             "name": f"down_blocks.{i}.attentions.0.transformer_blocks.0",
             "block": f"down_blocks.{i}",
-            "native": [ri, ri],
-            "cross_shape": [t, ri, ri] if cross else None,
-            "self_shape": [si * si, si * si] if self_attention else None,
-        })
+            "native": list(g),
+            "cross_shape": contract.cross_shape(t, g, nh) if cross else None,
+            "self_shape": contract.self_shape(sg) if self_attention else None,
+        }
+        if v2:
+            rec.update(kind="unet", heads=int(heads), self_grid=list(sg) if self_attention else None)
+        layer_recs.append(rec)
     latents = np.cumsum(rng.standard_normal((n + 1, *latent_shape)), axis=0) * 0.5
     noise = rng.standard_normal((n, *latent_shape))
     entropy = np.zeros((layers, n))
@@ -91,21 +119,24 @@ def write_synthetic_run(
     with RunWriter(path, overwrite=overwrite) as w:
         for step in range(n):
             cross_maps, self_maps = {}, {}
-            for i, ri in enumerate(res):
+            for i, ((h, wd), sg) in enumerate(zip(grids, self_grids)):
                 if cross:
-                    full = _softmax(rng.standard_normal((k, ri, ri)) * 2.0, axis=0)
-                    entropy[i, step] = M.attention_entropy(full)
-                    dists[i, step] = M.token_distribution(full)
-                    cross_maps[i] = full[:t]
+                    # each head is a softmax over all k keys; metrics see the head-mean, as capture's do
+                    full = _softmax(rng.standard_normal((nh or 1, k, h, wd)) * 2.0, axis=1)
+                    mean = full.mean(axis=0)
+                    entropy[i, step] = M.attention_entropy(mean)
+                    dists[i, step] = M.token_distribution(mean)
+                    cross_maps[i] = full[:, :t] if per_head else mean[:t]
                 if self_attention:
-                    si = min(s, ri)
-                    self_maps[i] = _softmax(rng.standard_normal((si * si, si * si)) * 2.0, axis=1)
-            image = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+                    cells = sg[0] * sg[1]
+                    self_maps[i] = _softmax(rng.standard_normal((cells, cells)) * 2.0, axis=1)
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             w.write_step(step, image=image, cross=cross_maps, self_=self_maps)
         metadata = {
+            "schema_version": schema_version,
             "run": {
                 "prompt": prompt, "negative_prompt": "", "cfg_scale": 7.5, "num_steps": n, "seed": seed,
-                "height": image_size, "width": image_size, "dtype": "float32", "device": "cpu",
+                "height": height, "width": width, "dtype": "float32", "device": "cpu",
                 "scheduler": "DDIMScheduler", "model": {"source": "default", "id": "synthetic"},
             },
             "tokens": token_recs,
@@ -116,13 +147,19 @@ def write_synthetic_run(
             "noise_source": "unet_forward_hook",
             "preview": "pred_original_sample",
             "attention": {
-                "cfg_half": "conditional", "heads": "mean",
-                "cross": {"enabled": cross, "resolution": r, "tokens": "prompt", "full_distribution": k == t,
-                          "sum_rule": contract.CROSS_SUM_RULE},
-                "self": {"enabled": self_attention, "resolution": s, "sum_rule": contract.SELF_SUM_RULE},
+                "cfg_half": "conditional", "heads": contract.HEADS_PER_HEAD if per_head else contract.HEADS_MEAN,
+                "cross": {"enabled": cross, "resolution": r if grid is None else max(grid), "tokens": "prompt",
+                          "full_distribution": k == t, "sum_rule": contract.CROSS_SUM_RULE},
+                "self": {"enabled": self_attention, "resolution": max(s, *(max(g) for g in self_grids)),
+                         "sum_rule": contract.SELF_SUM_RULE},
             },
             "layers": layer_recs,
         }
+        if v2:
+            metadata["family"] = contract.V1_FAMILY  # Stable Diffusion, the family schema 1 runs imply
+            metadata["token_sets"] = [{"encoder": "text_encoder", "tokenizer": "tokenizer", "offset": 0, "length": t,
+                                       "agrees": True}]
+            w.write_final_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         metrics = M.metrics_record(
             latents, entropy=entropy if cross else None, token_dists=dists if cross else None, num_tokens=t
         )

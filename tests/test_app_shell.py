@@ -11,6 +11,7 @@ from app import serve, shell
 from app.shell import Dashboard
 from app.state import State
 from app.store import Store
+from app.views.common import rgba
 from tests.synthetic import write_synthetic_run
 
 
@@ -249,3 +250,39 @@ def test_compare_run_from_a_picked_folder(runs):
     dash.compare.folder.value = [p.read_bytes() for p in paths]
     assert dash.state.compare == "upload:b"
     assert dash.store.other is not None and dash.store.other.prompt == "a blue square"
+
+
+def test_per_head_non_square_run_in_the_views(runs, tmp_path):
+    wide = write_synthetic_run(tmp_path / "wide", steps=3, layers=2, tokens=5, seed=6, per_head=True, heads=2,
+                               grid=(4, 8), image_hw=(16, 32))
+    dash = make(str(wide), head="7")  # a head this run does not have: fitted to the mean when the run opens
+    assert dash.state.head == "mean" and not dash.banner.visible, dash.banner.object
+    run = dash.store.run.run
+    # the timeline's figures take the image's aspect ratio; the final image is shown beside the preview
+    fig = dash.timeline.image_fig
+    assert (fig.frame_width, fig.frame_height) == (400, 200) and (fig.x_range.end, fig.y_range.start) == (32, 16)
+    final = run.final_image()
+    assert final is not None and dash.timeline.final_pane.visible
+    np.testing.assert_array_equal(dash.timeline.final_source.data["image"][0], rgba(final))
+    dash.tabs.active = 1
+    view = dash.attention
+    assert view.head.visible and list(view.head.options.values()) == ["mean", "0", "1"]
+    view.layer.value, view.token.value = "1", 3
+    view.head.value = "1"  # the widget writes the state; the store gives that head's map
+    assert dash.state.head == "1"
+    dash.state.step = 2
+    np.testing.assert_array_equal(view.heat_source.data["raw"][0], run.cross_heads(1, 2)[1][3])
+    assert "head 1" in view.overlay.title.text
+    assert view.heat_source.data["image"][0].shape == (32, 64)  # display grid, H and W apart
+    assert (view.overlay.frame_width, view.overlay.frame_height) == (400, 200)
+    dash.state.head = "mean"
+    np.testing.assert_array_equal(view.heat_source.data["raw"][0], run.cross(1, 2)[3])
+    # a schema-1 run (mean over heads, square, no final image) hides the selector and puts the state back on the mean
+    v1 = write_synthetic_run(tmp_path / "v1", steps=3, layers=2, tokens=5, image_size=16, schema_version=1)
+    dash.state.head = "1"
+    dash.submit(str(v1))
+    assert not dash.banner.visible, dash.banner.object
+    assert dash.state.head == "mean" and not view.head.visible
+    dash.tabs.active = 0  # the hidden timeline catches up when shown
+    assert not dash.timeline.final_pane.visible and (fig.frame_width, fig.frame_height) == (400, 400)
+    np.testing.assert_array_equal(view.heat_source.data["raw"][0], dash.store.run.run.cross(1, 2)[3])

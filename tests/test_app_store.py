@@ -97,7 +97,7 @@ def test_upload_keeps_paths_and_names_the_folder(runs, store):
 def test_open_reads_the_json_and_labels(runs, store):
     data = store.open(str(runs["a"]))
     assert data.n_steps == STEPS and data.cross_layers == [0, 1, 2] and data.cross_grid == (8, 8)
-    assert data.self_grid == 4 and data.self_side(2) == 4
+    assert data.self_grid == (4, 4) and data.run.self_grid(2) == (4, 4)
     groups = data.layer_groups()
     assert groups["All layers"] == {"all layers (mean at 8×8)": ALL_LAYERS}
     assert groups["down_blocks.2 · 4×4"] == {"L2 · attn 0 · tb 0": "2"}
@@ -257,3 +257,56 @@ def test_store_params_update_together(runs, store):
     assert store.comparison is None
     assert seen[0] == ["run"] and ["comparison"] in seen
     assert isinstance(store.run, RunData)
+
+
+# --------------------------------------------------------------------------- schema 2: non-square, per head
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A per-head run with 2 heads, 4x8 cross grids and 16x32 images."""
+    return write_synthetic_run(tmp_path_factory.mktemp("wide") / "wide", steps=3, layers=2, tokens=5, seed=4,
+                               per_head=True, heads=2, grid=(4, 8), image_hw=(16, 32))
+
+
+def test_per_head_maps_are_the_stored_heads_and_mean_is_the_reader_mean(wide, store):
+    data = store.open(str(wide))
+    assert data.per_head and data.head_values() == ["mean", "0", "1"]
+    assert data.cross_grid == (4, 8) and tuple(data.run.image_size) == (data.height, data.width) == (16, 32)
+    stored = read_bin(wide, "attention/cross/layer_1_step_002.bin")  # [heads, T, h, w] as written
+    assert stored.shape == (2, 5, 4, 8)
+    heads = data.run.cross_heads(1, 2)
+    for k in range(2):
+        shown = data.cross_map("1", 2, 3, False, head=str(k))
+        np.testing.assert_array_equal(shown, heads[k][3])
+        np.testing.assert_array_equal(shown, stored[k, 3])
+    assert not np.array_equal(stored[0, 3], stored[1, 3])
+    mean = data.cross_map("1", 2, 3, False)
+    np.testing.assert_array_equal(mean, data.run.cross(1, 2)[3])
+    np.testing.assert_allclose(mean, stored[:, 3].mean(axis=0), atol=1e-6)
+    # token shares follow the head too
+    mass = stored[1].sum(axis=(1, 2))
+    np.testing.assert_allclose(data.token_share("1", 2, head="1"), mass / mass.sum(), rtol=1e-6)
+    # the heat map brought to the image keeps H and W apart
+    heat = resize(data.cross_map("1", 2, 3, False, head="1"), data.height, data.width)
+    assert heat.shape == (16, 32)
+    np.testing.assert_allclose(heat, pil_bilinear(stored[1, 3], 16, 32), atol=1e-6)
+    with pytest.raises(DatasetError, match="head 2 is not one of them"):
+        data.cross_map("1", 2, 3, False, head="2")
+
+
+def test_v1_runs_have_only_the_head_mean(runs, store):
+    data = store.open(str(runs["a"]))
+    assert not data.per_head and data.head_values() == ["mean"] and data.fit_head("1") == "mean"
+    with pytest.raises(DatasetError, match="only the mean over heads"):
+        data.cross_map("0", 0, 1, False, head="0")
+
+
+def test_probe_on_a_non_square_self_grid(wide, store):
+    data = store.open(str(wide))
+    sh, sw = data.run.self_grid(0)
+    full = read_bin(wide, "attention/self/layer_0_step_001.bin")
+    assert full.shape == (sh * sw, sh * sw)
+    row, col = int(0.3 * sh), int(0.9 * sw)
+    np.testing.assert_array_equal(data.probe_map("0", 1, 0.9, 0.3), full[row * sw + col].reshape(sh, sw))
+    assert data.probe_map(ALL_LAYERS, 1, 0.9, 0.3).shape == data.self_grid == (sh, sw)

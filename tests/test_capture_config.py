@@ -29,8 +29,8 @@ def test_defaults_match_the_issue():
     ({"max_dataset_mb": 0.0}, "max_dataset_mb"),
     ({"device": "tpu"}, "device"),
     ({"dtype": "int8"}, "dtype"),
-    ({"height": 100}, "height"),
-    ({"width": 4}, "width"),
+    ({"height": 4100}, "height"),
+    ({"height": 64, "width": 4}, "width"),
     ({"seed": -1}, "seed"),
     ({"output_dir": " "}, "output_dir"),
 ])

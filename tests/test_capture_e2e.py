@@ -209,17 +209,19 @@ def test_killed_mid_write_leaves_the_old_run_intact(tmp_path):
 
 def test_uneven_pooling_warns_and_still_validates(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["--prompt", "a red circle", "--num-steps", "2", "--attention-resolution", "6",
+    code = cli.main(["--prompt", "a red circle", "--num-steps", "2", "--attention-resolution", "3", "--height", "40",
                      "--self-attention-resolution", "16", "--max-layers", "3", "--quiet", "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
     assert validate_run(out, strict=True) == []
     r = open_run(out)
-    uneven = [layer for layer in r.layers if layer["native"][0] > 6 and layer["native"][0] % 6]
-    assert uneven, "the default model should have a grid that 6 does not divide"
+    # one integer factor per grid, the smallest that brings the long side to <= 3: at 40 px the toy's
+    # latent grids are 10 (factor 4 -> 2, even) and 5 (factor 2 -> 2, uneven)
+    grid = {layer["name"]: layer["native"][0] // -(-layer["native"][0] // 3) for layer in r.layers}
+    uneven = [layer for layer in r.layers if layer["native"][0] % grid[layer["name"]]]
+    assert uneven and len(uneven) < len(r.layers), "the default model has 10x10 and 5x5 grids at 40 px"
     for layer in uneven:
-        n = layer["native"][0]
-        assert f"warning: layer {layer['name']}: native grid {n}x{n} does not divide into 6x6" in err
-    # pooled down to 6, never up: smaller grids stay native
-    assert [layer["cross_shape"][1:] for layer in r.layers] == [[min(layer["native"][0], 6)] * 2 for layer in r.layers]
-    assert any(layer["native"][0] < 6 for layer in r.layers)
+        n, g = layer["native"][0], grid[layer["name"]]
+        assert f"warning: layer {layer['name']}: native grid {n}x{n} does not divide into {g}x{g}" in err
+    assert err.count("does not divide") == len(uneven)  # planned once, warned once
+    assert [layer["cross_shape"][1:] for layer in r.layers] == [[grid[layer["name"]]] * 2 for layer in r.layers]

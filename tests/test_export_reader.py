@@ -314,3 +314,47 @@ def test_compatible(tmp_path, run_dir):
     assert compatible(a, no_self) == ["self attention recorded in the first run only"]
     with pytest.raises(DatasetError, match="not in this run's manifest"):
         no_self.self_attention(0, 0)
+
+
+# ---------------------------------------------------------------- schema 2
+def test_v2_per_head_run_reads_head_means_and_heads(tmp_path):
+    root = write_synthetic_run(tmp_path / "v2", steps=2, per_head=True, heads=3, grid=(4, 8), self_grid=(2, 4),
+                               image_hw=(16, 24))
+    run = open_run(root)
+    assert (run.schema_version, run.per_head, run.num_heads(1)) == (2, True, 3)
+    assert run.family["name"] == "sd" and run.family == run.metadata["family"]
+    assert run.cross_grid(0) == (4, 8) and run.self_grid(0) == (2, 4) and run.image_size == (16, 24)
+    heads = run.cross_heads(1, 1)
+    assert heads.dtype == np.float32 and heads.shape == (3, TOKENS, 4, 8)
+    np.testing.assert_array_equal(heads, raw_map(root, contract.cross_path(1, 1), (3, TOKENS, 4, 8)))
+    mean = run.cross(1, 1)
+    assert mean.dtype == np.float32 and mean.shape == (TOKENS, 4, 8) and not mean.flags.writeable
+    np.testing.assert_allclose(mean, heads.mean(axis=0), rtol=2**-10, atol=1e-4)  # float16 precision
+    assert not np.allclose(heads[0], heads[1])  # the heads are distinct, so the mean is not any one of them
+    assert run.self_attention(0, 0).shape == (8, 8)
+    from PIL import Image
+
+    final = run.final_image()
+    assert final.dtype == np.uint8 and final.shape == (16, 24, 3)
+    np.testing.assert_array_equal(final, np.asarray(Image.open(root / contract.FINAL_IMAGE).convert("RGB")))
+
+
+def test_v2_mean_run_has_no_heads(run_dir):
+    run = open_run(run_dir)
+    assert run.schema_version == 2 and not run.per_head and run.num_heads(0) is None
+    with pytest.raises(DatasetError, match="head-mean"):
+        run.cross_heads(0, 0)
+    with pytest.raises(IndexError):
+        run.num_heads(LAYERS)
+
+
+@pytest.mark.parametrize("ds", ["default", "compare"])
+def test_shipped_schema_1_runs_read(ds):
+    run = open_run(Path(__file__).resolve().parents[1] / "datasets" / ds)
+    assert run.schema_version == 1 and not run.per_head and run.family == contract.V1_FAMILY
+    assert run.final_image() is None and run.num_heads(0) is None
+    t, h, w = run.metadata["layers"][0]["cross_shape"]
+    assert run.cross(0, run.num_steps - 1).shape == (t, h, w) and run.cross_grid(0) == (h, w)
+    sh, sw = run.self_grid(0)
+    assert sh == sw and [sh * sw] * 2 == run.metadata["layers"][0]["self_shape"]
+    assert run.image(0).shape == (*run.image_size, 3)

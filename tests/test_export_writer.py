@@ -101,6 +101,18 @@ def test_bad_writes_are_refused(tmp_path):
             w.write_step(3, image=np.zeros((4, 4, 3), dtype=np.float32))
 
 
+def test_per_head_maps_and_the_final_image(tmp_path):
+    with RunWriter(tmp_path / "r", validate=False) as w:
+        w.write_step(0, cross={0: np.full((2, 3, 4, 8), 0.1)})  # [heads, T, h, w], non-square
+        with pytest.raises(DatasetError, match=r"\[heads, T, h, w\]"):
+            w.write_step(1, cross={1: np.zeros((1, 2, 3, 4, 4))})
+        with pytest.raises(DatasetError, match="uint8"):
+            w.write_final_image(np.zeros((4, 6, 3), dtype=np.float32))
+        entry = w.write_final_image(np.zeros((4, 6, 3), dtype=np.uint8))
+    assert w._files[contract.cross_path(0, 0)]["shape"] == [2, 3, 4, 8]
+    assert entry["kind"] == "image" and entry["shape"] == [4, 6, 3] and contract.FINAL_IMAGE in w._files
+
+
 # ---------------------------------------------------------------- refusing and replacing
 def test_existing_target_is_refused_without_overwrite(old_run, tmp_path):
     run, digest = old_run
@@ -170,7 +182,7 @@ def test_invalid_new_run_is_not_installed(old_run):
             meta["timesteps"] = [999]
             meta["run"]["num_steps"] = 1
             meta["layers"] = meta["layers"][:1]
-            meta["layers"][0]["self_shape"] = None
+            meta["layers"][0]["self_shape"] = meta["layers"][0]["self_grid"] = None
             meta["attention"]["self"]["enabled"] = False
             w.write_step(0, image=rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
             w.finish(meta, json.loads((run / "metrics.json").read_text()), json.loads((run / "latent_pca.json").read_text()))
@@ -184,6 +196,7 @@ def test_size_limit_is_enforced_before_install(old_run):
         with RunWriter(run, overwrite=True) as w:
             rng = np.random.default_rng(0)
             w.write_step(0, image=rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+            w.write_final_image(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
             meta = json.loads((run / "metadata.json").read_text())
             meta.pop("files")
             meta.update(timesteps=[999], layers=[], tokens=meta["tokens"])

@@ -160,10 +160,12 @@ def test_bit_identical_and_maps_match_reference(toy, which):
         # 10 -> 10, 5, 3 (stride-2 convs round up); the attention-free blocks have no layers.
         assert [p.native for p in plans] == [(10, 10), (5, 5), (3, 3), (5, 5), (5, 5), (10, 10), (10, 10)]
         assert [p.block for p in plans] == ["down_blocks.0", "down_blocks.1", "mid_block"] + ["up_blocks.1"] * 2 + ["up_blocks.2"] * 2
-        # only pooled down: a 3x3 grid stays 3x3 under resolution 4; uneven grids are reported
-        assert plans[2].cross_grid == (3, 3) and plans[2].self_grid == (2, 2)
-        assert plans[0].cross_grid == (4, 4) and plans[1].cross_grid == (4, 4)
-        assert any("5x5" in p and "4x4" in p for p in problems) and any("3x3" in p for p in problems)
+        # only pooled down: a 3x3 grid stays 3x3 under resolution 4; one integer factor per grid (10 / 3,
+        # 5 / 2, 3 / 2), so uneven grids are reported
+        assert plans[2].cross_grid == (3, 3) and plans[2].self_grid == (1, 1)
+        assert plans[0].cross_grid == (3, 3) and plans[1].cross_grid == (2, 2)
+        assert any("10x10" in p and "3x3" in p for p in problems) and any("5x5" in p and "2x2" in p for p in problems)
+        assert not any("native grid 3x3" in p for p in problems)
     else:
         assert problems == []
     if which == "toy-native":

@@ -73,6 +73,8 @@ def test_good_run_is_valid_strictly(good, capsys):
 @pytest.mark.parametrize("kwargs", [
     dict(cross=False), dict(self_attention=False), dict(steps=1), dict(tokens=1, pad=0),
     dict(pad=0), dict(save_latents=False), dict(layer_resolutions=[8, 4, 2], layers=3),
+    dict(schema_version=1), dict(schema_version=1, layer_resolutions=[8, 4], s=8),
+    dict(per_head=True, pad=0), dict(per_head=True, cross=False), dict(grid=(6, 4), self_attention=False),
 ])
 def test_variants_are_valid(tmp_path, kwargs):
     assert validate_run(write_synthetic_run(tmp_path / "run", **kwargs), strict=True) == []
@@ -363,3 +365,128 @@ def test_malformed_metadata_gives_problems_not_exceptions(run, index):
 def test_schema_errors_name_the_field():
     assert schema_errors({"coords": [[0, 0]], "explained_variance_ratio": [0.5, 2.0], "fit_on": "", "method": ""},
                          "latent_pca") == ["explained_variance_ratio/1: 2.0 is greater than the maximum of 1"]
+
+
+# ---------------------------------------------------------------- schema 2
+PH_CROSS = contract.cross_path(0, 1)
+HEADS, GRID, SELF_GRID, IMAGE_HW = 3, (4, 8), (2, 4), (16, 24)
+
+
+@pytest.fixture(scope="module")
+def good_v2(tmp_path_factory):
+    """Per-head, non-square cross and self grids, a non-square image."""
+    return write_synthetic_run(tmp_path_factory.mktemp("good_v2") / "run", steps=2, per_head=True, heads=HEADS,
+                               grid=GRID, self_grid=SELF_GRID, image_hw=IMAGE_HW)
+
+
+@pytest.fixture
+def run_v2(good_v2, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(good_v2, copy)
+    return copy
+
+
+def test_v2_per_head_non_square_run_is_valid_strictly(good_v2):
+    meta = load_meta(good_v2)
+    assert meta["schema_version"] == 2 and meta["attention"]["heads"] == "per_head"
+    assert meta["layers"][0]["cross_shape"] == [HEADS, 5, *GRID] and meta["layers"][0]["self_shape"] == [8, 8]
+    assert meta["files"][contract.FINAL_IMAGE]["shape"] == [*IMAGE_HW, 3]
+    assert validate_run(good_v2, strict=True) == []
+
+
+@pytest.mark.parametrize("ds", ["default", "compare"])
+def test_shipped_schema_1_runs_still_validate(ds):
+    root = REPO / "datasets" / ds
+    assert load_meta(root)["schema_version"] == 1
+    assert validate_run(root, strict=True) == []
+
+
+def one_head_over_one(root: Path) -> None:
+    """Head 1 sums to 1.5 over tokens at one position while the head-mean there stays 0.5."""
+    a = read_map(root, PH_CROSS)
+    a[:, :, 0, 0] = 0.0
+    a[1, :, 0, 0] = 0.3
+    replace_file(root, PH_CROSS, a.astype("<f2").tobytes())
+
+
+def drop_final_image(root: Path) -> None:
+    meta = load_meta(root)
+    del meta["files"][contract.FINAL_IMAGE]
+    save_meta(root, meta)
+    (root / contract.FINAL_IMAGE).unlink()
+
+
+def final_image_wrong_size(root: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG")
+    replace_file(root, contract.FINAL_IMAGE, buf.getvalue())
+    meta = load_meta(root)
+    meta["files"][contract.FINAL_IMAGE]["shape"] = [16, 16, 3]
+    save_meta(root, meta)
+
+
+def edit_v2(change):
+    def edit(root: Path) -> None:
+        meta = load_meta(root)
+        change(meta)
+        save_meta(root, meta)
+    edit.__name__ = change.__name__
+    return edit
+
+
+def no_family(m):
+    del m["family"]
+
+
+def wrong_head_count(m):
+    m["layers"][0]["heads"] = HEADS + 1
+
+
+def mean_shape_in_per_head_run(m):
+    m["attention"]["heads"] = "mean"
+
+
+def token_set_past_context(m):
+    m["token_sets"][0]["offset"] = m["context_length"] - 1
+
+
+def self_grid_mismatch(m):
+    m["layers"][1]["self_grid"] = [2, 2]
+
+
+def tokens_from_unknown(m):
+    m["family"]["tokens_from"] = "tokenizer_9"
+
+
+V2_CORRUPTIONS = {
+    edit_v2(no_family): "metadata.json: (top level): 'family' is a required property",
+    drop_final_image: "1 expected files not in the manifest: images/final.png",
+    final_image_wrong_size: "images/final.png: shape [16, 16, 3] differs from [run.height, run.width, 3] [16, 24, 3]",
+    edit_v2(wrong_head_count): f"layers[0].cross_shape has {HEADS} heads but layers[0].heads is {HEADS + 1}",
+    one_head_over_one: f"{PH_CROSS}: head 1: sum over tokens reaches 1.5",
+    edit_v2(token_set_past_context): "token_sets[0]: offset 7 + length 5 exceeds context_length 8",
+    edit_v2(self_grid_mismatch): "layers[1].self_shape [8, 8] is not [sh*sw, sh*sw] = [4, 4] for self_grid [2, 2]",
+    edit_v2(tokens_from_unknown): "family.tokens_from 'tokenizer_9' is not a tokenizer",
+}
+
+
+@pytest.mark.parametrize("corruption", list(V2_CORRUPTIONS), ids=lambda f: f.__name__)
+def test_each_v2_corruption_gives_one_line(run_v2, corruption):
+    corruption(run_v2)
+    problems = validate_run(run_v2)
+    assert len(problems) == 1, problems
+    assert V2_CORRUPTIONS[corruption] in problems[0], problems[0]
+
+
+def test_v2_head_mode_must_match_the_cross_shape(run_v2):
+    edit_v2(mean_shape_in_per_head_run)(run_v2)
+    problems = validate_run(run_v2)
+    assert problems and all("is not [T, h, w]" in p for p in problems), problems
+
+
+def test_v1_keeps_its_square_rule(tmp_path):
+    root = write_synthetic_run(tmp_path / "run", schema_version=1, layers=1)
+    meta = load_meta(root)
+    meta["layers"][0]["cross_shape"] = [5, 8, 4]
+    save_meta(root, meta)
+    assert any("cross_shape [5, 8, 4] is not square" in p for p in validate_run(root))

@@ -1,7 +1,8 @@
 """View 2, the attention explorer.
 
 * Controls: layer (grouped by block and resolution, plus "all layers, mean"), token (prompt tokens,
-  optionally merged into words), cross/self, aggregate (DAAM) with its step range, opacity,
+  optionally merged into words), head (runs recorded per head: the mean or one head; hidden
+  otherwise), cross/self, aggregate (DAAM) with its step range, opacity,
   colormap and a shared or per-map colour scale.
 * The heat map is drawn over the step's x̂0 image. The stored map (``raw`` column of the
   ``attention-heat`` source, exactly the file's values for one layer and token) is upsampled
@@ -22,8 +23,8 @@ import panel as pn
 from bokeh.events import Tap
 from bokeh.models import BasicTickFormatter, ColorBar, ColumnDataSource, LinearColorMapper, Span
 
-from app.state import ALL_LAYERS
-from app.store import resize
+from app.state import ALL_LAYERS, MEAN_HEAD
+from app.store import query_cell, resize
 from app.views.common import (ACCENT, PALETTES, View, bar_figure, curve_figure, guarded, held, image_figure, later, rgba, rgba_source,
                               set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
@@ -56,6 +57,7 @@ class AttentionView(View):
         self.layer = pn.widgets.Select(label="Layer", groups={"All layers": {"all layers (mean)": ALL_LAYERS}}, width=280,
                                       tags=["dv:layer"])
         self.token = pn.widgets.Select(label="Token", options={"-": 0}, width=280, tags=["dv:token"])
+        self.head = pn.widgets.Select(label="Head", options={"mean": MEAN_HEAD}, width=280, visible=False, tags=["dv:head"])
         self.merge = pn.widgets.Checkbox.from_param(state.param.merge_words, label="merge sub-word tokens into words", tags=["dv:merge"])
         self.kind = pn.widgets.RadioButtonGroup.from_param(state.param.kind, options={"cross (token)": "cross", "self (probe)": "self"},
                                                            color="default", variant="outline", width=280, tags=["dv:kind"])
@@ -70,9 +72,10 @@ class AttentionView(View):
                                                             tags=["dv:scale"])
         self.layer.param.watch(held(lambda e: setattr(state, "layer", str(e.new))), "value")
         self.token.param.watch(held(self._on_token_widget), "value")
+        self.head.param.watch(held(lambda e: setattr(state, "head", str(e.new))), "value")
         self.range.param.watch(lambda e: setattr(state, "step_range", tuple(int(v) for v in e.new)), "value_throttled")
         self.controls = pn.Column(
-            self.layer, self.token, self.merge, pn.pane.HTML("<b>Heat map</b>", margin=(8, 10, 0, 10)), self.kind,
+            self.layer, self.token, self.merge, self.head, pn.pane.HTML("<b>Heat map</b>", margin=(8, 10, 0, 10)), self.kind,
             self.aggregate, self.range, self.opacity, self.cmap,
             pn.pane.HTML("Colour scale", margin=(6, 10, 0, 10)), self.scale, width=310,
         )
@@ -97,7 +100,6 @@ class AttentionView(View):
         self.overlay.add_layout(ColorBar(color_mapper=self.mapper, width=12, label_standoff=6,
                                          major_label_text_font_size="10pt"), "right")
         self.overlay.on_event(Tap, held(self._on_tap))
-        self.overlay.width = 460
 
         # ---- self-attention probe
         self.probe_mapper = LinearColorMapper(name="attention-probe-cmap", palette=PALETTES[state.cmap], low=0, high=1)
@@ -133,7 +135,7 @@ class AttentionView(View):
 
         # ---- wiring: each part updates only on what it depends on
         state.param.watch(self._on_step, "step")
-        state.param.watch(self._on_selection, ["layer", "token", "merge_words", "kind", "aggregate", "step_range", "color_scale"])
+        state.param.watch(self._on_selection, ["layer", "token", "head", "merge_words", "kind", "aggregate", "step_range", "color_scale"])
         state.param.watch(self._on_probe, ["probe_x", "probe_y"])
         state.param.watch(self._on_opacity, "opacity")
         state.param.watch(self._on_cmap, "cmap")
@@ -196,6 +198,7 @@ class AttentionView(View):
             state.layer = "mean"
         self.layer.param.update(groups=groups, value=state.layer)
         self._sync_token_widget()
+        self._sync_head_widget()
         n = data.n_steps
         first, last = state.step_range
         if not (0 <= first <= last < n) or (first, last) == (0, 0):
@@ -217,6 +220,14 @@ class AttentionView(View):
         if state.token != token:
             state.token = token
 
+    def _head(self) -> str:
+        """The head shown: ``State.head`` (the shell fits it to each run), the mean where the run has no such head."""
+        return self.data.fit_head(self.state.head)
+
+    def _sync_head_widget(self) -> None:
+        data = self.data
+        self.head.param.update(options=data.head_options(), value=self._head(), visible=data.per_head)
+
     @guarded
     def _on_selection(self, *events: Any) -> None:
         if self.data is None:
@@ -230,6 +241,8 @@ class AttentionView(View):
                 return
         if names & {"token", "merge_words"}:
             self._sync_token_widget()
+        if "head" in names:
+            self._sync_head_widget()
         self.range.disabled = not self.state.aggregate
         if "step_range" in names and tuple(self.range.value) != tuple(self.state.step_range):
             self.range.value = tuple(self.state.step_range)
@@ -293,7 +306,8 @@ class AttentionView(View):
         if s.aggregate and s.kind == "cross":
             return None
         probe = (s.probe_x, s.probe_y) if s.kind == "self" else None
-        return (id(self.data), self._layer_for(s.kind), s.token, s.merge_words, s.kind, s.color_scale, probe)
+        head = self._head() if s.kind == "cross" else None
+        return (id(self.data), self._layer_for(s.kind), s.token, s.merge_words, s.kind, s.color_scale, probe, head)
 
     def _heat(self, step: int) -> tuple[np.ndarray, float, float, str]:
         """The heat map shown at ``step`` for the current selection: ``(raw map, colour low, high, title)``."""
@@ -301,6 +315,8 @@ class AttentionView(View):
         layer = self._layer_for(state.kind)
         label = data.token_label(state.token, state.merge_words)
         layer_text = "all layers (mean)" if layer == ALL_LAYERS else data.layer_label(int(layer))
+        head = self._head()
+        head_text = f" · {data.head_label(head)}" if data.per_head else ""
         shared = state.color_scale == "shared"
         if state.kind == "self":
             raw = data.probe_map(layer, step, state.probe_x, state.probe_y)
@@ -308,13 +324,13 @@ class AttentionView(View):
             shared_high = self._self_max(layer, step) if shared else 0.0
         elif state.aggregate:
             first, last = self._range()
-            raw = data.aggregate_map(state.token, state.merge_words, first, last)
-            title = f"DAAM · '{label}' · all {len(data.cross_layers)} layers · steps {first}–{last}"
-            shared_high = float(data.aggregate_all(first, last).max()) if shared else 0.0
+            raw = data.aggregate_map(state.token, state.merge_words, first, last, head)
+            title = f"DAAM · '{label}' · all {len(data.cross_layers)} layers{head_text} · steps {first}–{last}"
+            shared_high = float(data.aggregate_all(first, last, head).max()) if shared else 0.0
         else:
-            raw = data.cross_map(layer, step, state.token, state.merge_words)
-            title = f"cross · '{label}' · {layer_text} · step {step}"
-            shared_high = float(data.cross_all_tokens(layer, step).max()) if shared else 0.0
+            raw = data.cross_map(layer, step, state.token, state.merge_words, head)
+            title = f"cross · '{label}' · {layer_text}{head_text} · step {step}"
+            shared_high = float(data.cross_all_tokens(layer, step, head).max()) if shared else 0.0
         low, high = (0.0, shared_high) if shared else (float(np.min(raw)), float(np.max(raw)))
         if not high > low:
             high = low + 1e-6
@@ -381,16 +397,14 @@ class AttentionView(View):
         layer = self._layer_for("self")
         step = self._step()
         raw = data.probe_map(layer, step, qx, qy)
-        side = raw.shape[0]
-        row = min(int(qy * side), side - 1)
-        col = min(int(qx * side), side - 1)
+        row, col = query_cell(qx, qy, raw.shape)
         dh, dw = display_shape(data.height, data.width)
         self.probe_source.data = {"image": [resize(raw, dh, dw)], "raw": [raw], "x": [0], "y": [0],
                                   "dw": [data.width], "dh": [data.height], "query": [[row, col]], "step": [step]}
         self.probe_mapper.update(low=float(raw.min()), high=float(max(raw.max(), raw.min() + 1e-6)))
         where = "all self layers (mean)" if layer == ALL_LAYERS else data.layer_label(int(layer))
         self.probe_fig.title.text = f"self-attention probe · step {step}"
-        self.probe_note.value = (f"Where query pixel (row {row}, col {col}) of the {side}×{side} pooled map attends, "
+        self.probe_note.value = (f"Where query pixel (row {row}, col {col}) of the {raw.shape[0]}×{raw.shape[1]} pooled map attends, "
                                   f"{where}. Click the image to move the query.")
 
     def _update_bars(self) -> None:
@@ -399,7 +413,7 @@ class AttentionView(View):
         if not data.cross_layers:
             return
         layer = self._layer_for("cross")
-        share = data.token_share(layer, step)
+        share = data.token_share(layer, step, self._head())
         selected = set(data.token_indices(state.token, state.merge_words))
         labels = [f"{i}:{data.token_text(i)}" for i in range(len(share))]
         colours = [ACCENT if i in selected else "#4c72b0" for i in range(len(share))]
@@ -407,6 +421,8 @@ class AttentionView(View):
         self.share_source.data = {"token": labels, "share": np.asarray(share, np.float64), "color": colours,
                                   "index": list(range(len(share)))}
         where = "all layers" if layer == ALL_LAYERS else f"L{layer}"
+        if data.per_head:
+            where += f" · {data.head_label(self._head())}"
         self.share_fig.title.text = f"Token share of attention · {where} · step {step}"
         names, values = data.entropy_by_layer(step)
         current = f"L{state.layer}"

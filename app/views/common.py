@@ -190,24 +190,42 @@ def style(fig: Any) -> Any:
 
 
 def image_figure(name: str, title: str, px: int = 320, height: int = 32, width: int = 32, tools: str = "tap,reset,save") -> Any:
-    """A square-pixel figure for an image, y pointing down (row 0 at the top), axes in pixels."""
-    fig = figure(
-        name=name, title=title, width=px, height=px, tools=tools, toolbar_location=None,
-        x_range=Range1d(0, width, bounds=(0, width)), y_range=Range1d(height, 0, bounds=(0, height)),
-        match_aspect=True,
-    )
+    """A square-pixel figure for an image, y pointing down (row 0 at the top), axes in pixels.
+
+    ``px`` is the long side of the plot frame (the drawn area, without title or colour bar); the frame
+    takes the image's aspect ratio and keeps that long side (see :func:`set_image_extent`)."""
+    fig = figure(name=name, title=title, tools=tools, toolbar_location=None, frame_width=px, frame_height=px,
+                 x_range=Range1d(0, width, bounds=(0, width)), y_range=Range1d(height, 0, bounds=(0, height)))
     fig.axis.visible = False
     fig.grid.visible = False
+    set_image_extent(fig, height, width)
     return style(fig)
 
 
+def frame_size(px: int, height: int, width: int) -> tuple[int, int]:
+    """``(frame width, frame height)`` in screen pixels: the long side ``px``, the image's aspect ratio."""
+    height, width = max(int(height), 1), max(int(width), 1)
+    scale = px / max(height, width)
+    return max(int(round(width * scale)), 1), max(int(round(height * scale)), 1)
+
+
 def set_image_extent(fig: Any, height: int, width: int) -> None:
+    """Axes of ``height`` x ``width`` image pixels on a frame of the same aspect ratio (square pixels)."""
     fig.x_range.update(start=0, end=width, bounds=(0, width))
     fig.y_range.update(start=height, end=0, bounds=(0, height))
+    frame_width, frame_height = frame_size(max(fig.frame_width, fig.frame_height), height, width)
+    fig.update(frame_width=frame_width, frame_height=frame_height)
+
+
+def rgba_data(packed: np.ndarray | None = None, step: int = -1) -> dict[str, list]:
+    """An ``image_rgba`` source's data for one packed image (see :func:`rgba`) at the origin; a blank pixel for None."""
+    packed = blank_rgba() if packed is None else packed
+    h, w = packed.shape[:2]
+    return {"image": [packed], "x": [0], "y": [0], "dw": [w], "dh": [h], "step": [step]}
 
 
 def rgba_source(name: str) -> ColumnDataSource:
-    return ColumnDataSource(name=name, data={"image": [blank_rgba()], "x": [0], "y": [0], "dw": [1], "dh": [1], "step": [-1]})
+    return ColumnDataSource(name=name, data=rgba_data())
 
 
 def curve_figure(name: str, title: str, y_label: str, height: int = 180, width: int = 560, **kwargs: Any) -> Any:

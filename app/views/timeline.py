@@ -1,5 +1,6 @@
-"""View 1, the denoising timeline: step slider, play/pause, the x̂0 preview, latent-norm and
-cosine-to-previous curves with a current-step marker (click a curve to jump to that step).
+"""View 1, the denoising timeline: step slider, play/pause, the x̂0 preview (and beside it the
+pipeline's own final image, where the run has one), latent-norm and cosine-to-previous curves with
+a current-step marker (click a curve to jump to that step).
 
 The step slider changes ``State.step`` without Panel's 50 ms change debounce (``_debounce = 0``)
 so a step change reaches the views at once. Playback is a periodic callback at ``State.fps``
@@ -16,7 +17,7 @@ from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, CustomJSTickFormatter, HoverTool, Span
 from panel.io.document import hold
 
-from app.views.common import (ACCENT, View, curve_figure, guarded, held, image_figure, later, reported, rgba, rgba_source,
+from app.views.common import (ACCENT, View, curve_figure, guarded, held, image_figure, later, reported, rgba, rgba_data, rgba_source,
                               set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
 
@@ -59,6 +60,11 @@ class TimelineView(View):
         self.filler = FrameFiller(later)
         self.image_fig = image_figure("timeline-image-figure", "x̂₀ preview", px=400)
         self.image_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source)
+        # the pipeline's output (schema 2: images/final.png), shown only where the run has it
+        self.final_source = rgba_source("timeline-final")
+        self.final_fig = image_figure("timeline-final-figure", "final image (pipeline output)", px=240, tools="")
+        self.final_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.final_source)
+        self.final_pane = pn.pane.Bokeh(self.final_fig, visible=False)
 
         # curves, with the current step marked
         self.curve_source = ColumnDataSource(name="timeline-curves", data={"step": [], "norm": [], "cosine": [], "t": []})
@@ -93,6 +99,7 @@ class TimelineView(View):
     def __panel__(self) -> Any:
         return pn.Row(
             pn.pane.Bokeh(self.image_fig),
+            self.final_pane,
             pn.Column(pn.pane.Bokeh(self.norm_fig), pn.pane.Bokeh(self.cos_fig)),
         )
 
@@ -129,11 +136,18 @@ class TimelineView(View):
         n = data.n_steps
         self.frames.reset(id(data), n, frame_bytes=4 * data.height * data.width)
         set_image_extent(self.image_fig, data.height, data.width)
+        self._show_final(data.final_image())
         self.curve_source.data = {
             "step": np.arange(n), "norm": data.metric_curve("latent_norm"),
             "cosine": data.metric_curve("latent_cosine_prev"), "t": np.asarray(data.timesteps),
         }
         self._on_step()
+
+    def _show_final(self, image: Any) -> None:
+        self.final_pane.visible = image is not None
+        if image is not None:
+            set_image_extent(self.final_fig, *image.shape[:2])
+        self.final_source.data = rgba_data(None if image is None else rgba(image))
 
     @guarded
     def _on_step(self, *_: Any) -> None:
@@ -198,11 +212,11 @@ class TimelineView(View):
         self.state.step = (self.state.step + 1) % data.n_steps
         # Warm the reader's cache for the next frame once this one has been sent.
         nxt = (self.state.step + 1) % data.n_steps
-        layer, kind = self.state.layer, self.state.kind
-        later(lambda: self._prefetch(data, nxt, layer, kind))
+        layer, kind, head = self.state.layer, self.state.kind, self.state.head
+        later(lambda: self._prefetch(data, nxt, layer, kind, head))
 
-    def _prefetch(self, data: Any, step: int, layer: str, kind: str) -> None:
+    def _prefetch(self, data: Any, step: int, layer: str, kind: str, head: str) -> None:
         try:
-            data.prefetch(step, layer, kind)
+            data.prefetch(step, layer, kind, data.fit_head(head))
         except Exception:  # noqa: BLE001 - a bad file is reported when that step is shown
             pass

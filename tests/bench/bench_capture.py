@@ -3,6 +3,7 @@
     python tests/bench/bench_capture.py                 # default model, CPU, quick-start settings
     python tests/bench/bench_capture.py --sd15          # full-size SD-1.5 UNet (random weights), 512², fp16, CUDA
     python tests/bench/bench_capture.py --sd15 --tiny-check   # the same code path, shrunk to run on a CPU
+    python tests/bench/bench_capture.py --sdxl          # the tests' tiny SDXL pipeline (random weights), 64x128, CPU
 
 Quick-start settings: 30 steps, cross maps at 32, self maps at 16, 12 layers (every layer the model has
 when it has fewer). "recorded" runs the pipeline inside ``record_attention`` with the maps moved to the
@@ -68,11 +69,11 @@ def sd15_pipeline(device: str, dtype: torch.dtype, tiny: bool):
     return pipe
 
 
-def timed(pipe, *, steps: int, size: int, record: dict | None, device: str, collect: bool = True,
+def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, device: str, collect: bool = True,
           output_type: str = "pil"):
     """(wall seconds, this process's CPU seconds, output) for one image. ``collect=False`` computes the maps
     on the device but never copies them (a diagnostic that separates compute from the per-step copy)."""
-    kwargs = dict(num_inference_steps=steps, height=size, width=size, guidance_scale=7.5,
+    kwargs = dict(num_inference_steps=steps, height=size[0], width=size[1], guidance_scale=7.5,
                   generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -80,7 +81,7 @@ def timed(pipe, *, steps: int, size: int, record: dict | None, device: str, coll
     if record is None:
         out = pipe(PROMPT, **kwargs).images
     else:
-        with record_attention(pipe, height=size, width=size, **record) as rec:
+        with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
             callback = rec.callback_on_step_end if collect else (lambda *a: {})
             out = pipe(PROMPT, callback_on_step_end=callback, **kwargs).images
         assert not collect or (len(rec.steps) == steps and len(rec.steps[-1].cross) == len(rec.layers))
@@ -92,6 +93,7 @@ def timed(pipe, *, steps: int, size: int, record: dict | None, device: str, coll
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sd15", action="store_true", help="full-size SD-1.5 UNet, random weights (needs CUDA)")
+    p.add_argument("--sdxl", action="store_true", help="the tests' tiny random-weight SDXL pipeline, 64x128 (CPU)")
     p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
     p.add_argument("--device", default=None, help="default: cpu, or cuda with --sd15 (cpu with --tiny-check)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; 2 with --tiny-check)")
@@ -111,13 +113,20 @@ def main(argv=None) -> int:
     if args.sd15:
         dtype = torch.float16 if device == "cuda" else torch.float32
         pipe = sd15_pipeline(device, dtype, tiny)
-        size = 128 if tiny else 512
-        label = f"SD-1.5 UNet{' (tiny check)' if tiny else ''}, random weights, {size}², {str(dtype)[6:]}, {device}"
+        size = (128, 128) if tiny else (512, 512)
+        label = f"SD-1.5 UNet{' (tiny check)' if tiny else ''}, random weights, {size[0]}x{size[1]}, {str(dtype)[6:]}, {device}"
+    elif args.sdxl:
+        from tests.tiny_pipelines import build_sdxl
+
+        folder = build_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl")
+        pipe = pipeline_mod.load_pipeline(str(folder), device)
+        size = (64, 128)
+        label = f"tiny SDXL, random weights, 64x128, {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
     else:
         pipe = pipeline_mod.load_pipeline(None, device)
-        size = pipeline_mod.native_size(pipe)[0]
-        label = f"default model, {size}², {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
-    with record_attention(pipe, height=size, width=size, **record) as rec:
+        size = pipeline_mod.native_size(pipe)
+        label = f"default model, {size[0]}x{size[1]}, {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
+    with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
         layers = [plan.name for plan in rec.layers]
     print(f"{label}: {steps} steps, {len(layers)} recorded layers, cross 32, self 16, median of {repeats}")
 
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             config = GenerateConfig(prompt=PROMPT, num_steps=steps, max_layers=args.max_layers, device=device,
-                                    height=size, width=size, output_dir=str(Path(tmp) / "run"), max_dataset_mb=1000)
+                                    height=size[0], width=size[1], output_dir=str(Path(tmp) / "run"), max_dataset_mb=1000)
             start = time.perf_counter()
             path = generate(config, pipeline=pipe)
             took = time.perf_counter() - start

@@ -6,6 +6,8 @@ expected values are read straight from the run's files with numpy and PIL (never
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 from pathlib import Path
@@ -102,16 +104,25 @@ def files(static_server, runs) -> str:
     return static_server(runs["root"])
 
 
+@contextlib.contextmanager
+def dashboard(browser, bokeh, url: str):
+    """A page on the dashboard at ``url``, in a context of its own, once its first frame is drawn."""
+    context = browser.new_context(viewport={"width": 1500, "height": 1400})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        bp = bokeh(page).open(url, ready_model="timeline-image")
+        bp.wait_column("timeline-image", "step", "v[0] === 0")
+        yield bp
+    finally:
+        context.close()
+
+
 @pytest.fixture(scope="module")
 def dash(browser, server, bokeh):
     """One page for the module's tests, opened on run A."""
-    context = browser.new_context(viewport={"width": 1500, "height": 1400})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT)
-    bp = bokeh(page).open(server.url, ready_model="timeline-image")
-    bp.wait_column("timeline-image", "step", "v[0] === 0")
-    yield bp
-    context.close()
+    with dashboard(browser, bokeh, server.url) as bp:
+        yield bp
 
 
 def show_tab(bp, name: str) -> None:

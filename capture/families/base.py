@@ -1,0 +1,125 @@
+"""What every model family provides, and the pieces UNet families share.
+
+A family turns a diffusers pipeline into the four things a recording needs: the architecture (from
+configs alone, on the meta device, before any weights load), the prompt's tokens that cross maps index,
+the layer plan, and the x̂0 preview decode.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The embedded default model (the toy world), shipped inside the package.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "model"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded or is not one diffviz records; the message is one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+@dataclass
+class Peek:
+    """A model's architecture as a recording needs it; ``denoiser`` may live on the meta device."""
+
+    denoiser: Any
+    vae_scale_factor: int
+    tokenizers: dict[str, Any]                  # component name -> tokenizer, in the pipeline's order
+    text_encoders: list[dict[str, str]]         # [{"name", "class", "tokenizer"}]
+    context_length: int                         # keys of the cross-attention distribution
+
+
+@dataclass
+class TokenInfo:
+    """The prompt's tokens as the cross maps index them (``metadata.tokens``), and where they come from."""
+
+    tokens: list[dict]
+    words: list[str]
+    tokens_from: str
+    token_sets: list[dict] = field(default_factory=list)
+
+
+def clip_tokens(tokenizer, prompt: str) -> tuple[list[dict], list[str]]:
+    """The prompt's own tokens as a CLIP pipeline sees them (start, words, end; no padding), and its words."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    texts = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_ids)
+    tokens, words, pending = [], [], []
+
+    def close_word():
+        if pending:
+            words.append(tokenizer.decode([ids[i] for i in pending]).strip())
+            pending.clear()
+
+    for index, (token_id, text) in enumerate(zip(ids, texts)):
+        is_special = token_id in special
+        if is_special:
+            close_word()
+        tokens.append({"index": index, "id": int(token_id), "text": text,
+                       "word": None if is_special else len(words), "special": is_special})
+        if not is_special:
+            pending.append(index)
+            if text.endswith("</w>"):
+                close_word()
+    close_word()
+    return tokens, words
+
+
+def model_index(folder: Path) -> dict:
+    return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+
+
+class Family:
+    """The interface; see ``capture/families/sd.py`` for the reference implementation."""
+
+    name: str = ""
+    pipeline_class: str = ""
+
+    def load(self, location: str, *, local: bool, dtype: torch.dtype):
+        """The pipeline from a folder (``local``: offline) or a hub id."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        return cls.from_pretrained(location, local_files_only=local, dtype=dtype)
+
+    def peek(self, folder: Path) -> Peek:
+        raise NotImplementedError
+
+    def peek_pipe(self, pipe) -> Peek:
+        raise NotImplementedError
+
+    def tokens(self, tokenizers: dict[str, Any], prompt: str) -> TokenInfo:
+        raise NotImplementedError
+
+    def native_size(self, peek: Peek) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def size_multiple(self, peek: Peek) -> int:
+        """Height and width must be multiples of this."""
+        raise NotImplementedError
+
+    def plan(self, peek: Peek, latent_hw: tuple[int, int], config) -> tuple[list, list[str]]:
+        raise NotImplementedError
+
+    def pipeline_kwargs(self, config) -> dict[str, Any]:
+        """Keyword arguments of the pipeline call beyond prompt, steps, size, generator and callback."""
+        return {"negative_prompt": config.negative_prompt or None, "guidance_scale": config.cfg_scale}
+
+    def decode_preview(self, pipe, x0: torch.Tensor) -> torch.Tensor:
+        """x̂0 of the conditional sample decoded by the VAE, as uint8 [H, W, 3] still on the device."""
+        vae = pipe.vae
+        image = vae.decode(x0[-1:].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pt")[0]  # [3, H, W] in [0, 1]
+        return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)  # as diffusers' numpy_to_pil rounds
+
+    def describe(self, peek: Peek) -> dict[str, Any]:
+        """``metadata.family``."""
+        return {"name": self.name, "pipeline": self.pipeline_class, "text_encoders": list(peek.text_encoders)}

@@ -1,0 +1,86 @@
+"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``): one CLIP text encoder, a UNet.
+
+The reference family: the UNet parts here (peek, plan, size rules) serve every UNet family.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capture.families.base import Family, ModelLoadError, Peek, TokenInfo, clip_tokens, model_index, one_line
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    #: (text encoder, its tokenizer) components, in the order the pipeline concatenates them
+    encoders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
+
+    # ------------------------------------------------------------------ architecture
+    def peek(self, folder: Path) -> Peek:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        needed = ["model_index.json", "unet/config.json", "vae/config.json"] + [t for _, t in self.encoders]
+        missing = [name for name in needed if not (folder / name).exists()]
+        if missing:  # checked here, so that no loader ever falls back to asking a hub
+            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder (no {', '.join(missing)})")
+        try:
+            index = model_index(folder)
+            unet_config = UNet2DConditionModel.load_config(str(folder / "unet"), local_files_only=True)
+            vae_config = AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True)
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(unet_config)
+            tokenizers = {t: AutoTokenizer.from_pretrained(str(folder / t), local_files_only=True)
+                          for _, t in self.encoders}
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder: {one_line(exc)}") from exc
+        encoders = [{"name": e, "class": str((index.get(e) or [None, "?"])[1]), "tokenizer": t}
+                    for e, t in self.encoders]
+        vsf = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+        return Peek(unet, vsf, tokenizers, encoders, self._context(tokenizers))
+
+    def peek_pipe(self, pipe) -> Peek:
+        tokenizers = {t: getattr(pipe, t) for _, t in self.encoders}
+        encoders = [{"name": e, "class": type(getattr(pipe, e)).__name__, "tokenizer": t} for e, t in self.encoders]
+        return Peek(pipe.unet, int(pipe.vae_scale_factor), tokenizers, encoders, self._context(tokenizers))
+
+    def _context(self, tokenizers: dict[str, Any]) -> int:
+        # Every CLIP tokenizer pads to its model_max_length; the UNet sees that many keys.
+        return int(next(iter(tokenizers.values())).model_max_length)
+
+    def native_size(self, peek: Peek) -> tuple[int, int]:
+        side = int(peek.denoiser.config.sample_size) * peek.vae_scale_factor
+        return side, side
+
+    def size_multiple(self, peek: Peek) -> int:
+        # The UNet pipelines' own check_inputs asks for multiples of 8; a VAE that downsamples more needs its factor.
+        return math.lcm(8, peek.vae_scale_factor)
+
+    def plan(self, peek: Peek, latent_hw: tuple[int, int], config) -> tuple[list, list[str]]:
+        from capture.recorder import plan_layers
+
+        return plan_layers(peek.denoiser, latent_hw, patterns=config.layers, max_layers=config.max_layers,
+                           cross=config.include_cross_attention, self_=config.include_self_attention,
+                           resolution=config.attention_resolution,
+                           self_resolution=config.self_attention_resolution, per_head=config.per_head)
+
+    # ------------------------------------------------------------------ tokens
+    def tokens(self, tokenizers: dict[str, Any], prompt: str) -> TokenInfo:
+        """Every tokenizer sees the same prompt; metadata records the first one's tokens, and
+        ``token_sets`` says whether each other tokenizer splits the prompt the same way."""
+        names = [t for _, t in self.encoders]
+        tokens, words = clip_tokens(tokenizers[names[0]], prompt)
+        texts = [t["text"] for t in tokens]
+        sets = []
+        for encoder, name in self.encoders:
+            other = tokens if name == names[0] else clip_tokens(tokenizers[name], prompt)[0]
+            sets.append({"encoder": encoder, "tokenizer": name, "offset": 0, "length": len(other),
+                         "agrees": [t["text"] for t in other] == texts})
+        return TokenInfo(tokens, words, names[0], sets)
+
+
+FAMILY = StableDiffusion()

@@ -1,0 +1,52 @@
+"""Tiny random-weight pipelines of other families, built from configs and saved as folders.
+
+They load through the same ``from_pretrained`` path as real checkpoints. The toy model's CLIP tokenizer
+serves every CLIP tokenizer (with the 77-token context real CLIP models have).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from capture.pipeline import DEFAULT_MODEL_DIR
+
+
+def toy_clip_tokenizer() -> CLIPTokenizer:
+    tokenizer = CLIPTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR / "tokenizer"), local_files_only=True)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _clip_config(vocab: int) -> CLIPTextConfig:
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
+                          layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                          vocab_size=vocab, hidden_act="gelu", projection_dim=32, max_position_embeddings=77)
+
+
+def build_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline with 12 transformer blocks (down 4, mid 2, up 6) at heads 4, saved to ``folder``."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-wide pooled text embedding
+        cross_attention_dim=64, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    tokenizer = toy_clip_tokenizer()
+    config = _clip_config(len(tokenizer))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer, tokenizer_2=toy_clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         timestep_spacing="leading", steps_offset=1),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder))
+    return folder
