@@ -168,6 +168,7 @@ class Prepared:
     width: int = 0
     plans: list[LayerPlan] | None = None
     tokens: TokenInfo | None = None
+    latent_shape: list[int] | None = None
 
 
 def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | None = None,
@@ -235,16 +236,14 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
             raise SizeLimitError(message)
         if warn:
             warnings.warn(message, SizeWarning, stacklevel=3)
-    return Prepared(family, peek, height, width, plans, tokens)
+    return Prepared(family, peek, height, width, plans, tokens, latent_shape)
 
 
 def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) -> Path:
     family, height, width = prepared.family, prepared.height, prepared.width
     recorder = AttentionRecorder(pipe.unet, prepared.plans, context_length=prepared.peek.context_length,
                                  fail_on_shape_error=config.fail_on_shape_error)
-    tokens = prepared.tokens.tokens
-    vsf = int(pipe.vae_scale_factor)
-    latent_shape = [int(pipe.unet.config.in_channels), height // vsf, width // vsf]
+    tokens, latent_shape = prepared.tokens.tokens, prepared.latent_shape
     limit = int(config.max_dataset_mb * 1e6)
 
     device = next(pipe.unet.parameters()).device

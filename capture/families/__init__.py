@@ -7,20 +7,16 @@ plus one line in :data:`REGISTRY`.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from capture.config import model_source
-from capture.families.base import DEFAULT_MODEL_DIR, Family, ModelLoadError, Peek, TokenInfo, one_line
+from capture.families.base import DEFAULT_MODEL_DIR, Family, ModelLoadError, Peek, TokenInfo, model_index, one_line
 
 #: pipeline class name -> family module (in this package)
 REGISTRY: dict[str, str] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
 }
-
-#: model_index.json is a few hundred bytes; anything far larger is not one.
-MAX_INDEX_BYTES = 1 << 20
 
 __all__ = ["REGISTRY", "Family", "ModelLoadError", "Peek", "TokenInfo", "family_named", "for_model",
            "for_pipeline", "pipeline_class_of", "DEFAULT_MODEL_DIR"]
@@ -52,15 +48,7 @@ def pipeline_class_of(model: str | None) -> str:
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line
             raise ModelLoadError(f"could not read model_index.json of {location!r}: {one_line(exc)}") from exc
     else:
-        path = (DEFAULT_MODEL_DIR if source == "default" else Path(location)) / "model_index.json"
-        if not path.is_file():
-            raise ModelLoadError(f"{path.parent} has no model_index.json; it is not a diffusers pipeline folder")
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            raise ModelLoadError(f"{path} is over {MAX_INDEX_BYTES} bytes; it is not a model_index.json")
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: not valid JSON: {one_line(exc)}") from exc
+        index = model_index(DEFAULT_MODEL_DIR if source == "default" else Path(location))
     name = index.get("_class_name") if isinstance(index, dict) else None
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"model_index.json of {model or 'the default model'} names no _class_name")

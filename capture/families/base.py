@@ -73,8 +73,24 @@ def clip_tokens(tokenizer, prompt: str) -> tuple[list[dict], list[str]]:
     return tokens, words
 
 
+#: model_index.json is a few hundred bytes; anything far larger is not one.
+MAX_INDEX_BYTES = 1 << 20
+
+
 def model_index(folder: Path) -> dict:
-    return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    """A pipeline folder's ``model_index.json``, size-checked before it is read; ModelLoadError (one line) if bad."""
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise ModelLoadError(f"{path} is over {MAX_INDEX_BYTES} bytes; it is not a model_index.json")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON: {one_line(exc)}") from exc
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return index
 
 
 class Family:
