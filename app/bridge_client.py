@@ -20,13 +20,13 @@ import sys
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from export.protocol import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED  # noqa: F401 - FINAL_STATES re-exported
+
 #: Where ``diffviz bridge`` listens unless told otherwise.
 DEFAULT_BRIDGE_URL = "http://127.0.0.1:8765"
 IN_BROWSER = sys.platform == "emscripten"
 #: Seconds before a request to the bridge counts as unanswered (CPython only; fetch has no timeout).
 TIMEOUT = 30.0
-#: Job states after which nothing changes any more.
-FINAL_STATES = ("done", "failed", "cancelled")
 
 
 class BridgeError(Exception):
@@ -147,14 +147,14 @@ class BridgeClient:
 def describe(job: dict[str, Any]) -> str:
     """One line for a job snapshot: ``denoising · step 12/30 · ETA 8 s``."""
     state, stage = job.get("state"), job.get("stage") or ""
-    if state == "queued":
+    if state == QUEUED:
         pos = job.get("position")
         return f"queued (position {pos})" if pos else "queued"
-    if state == "done":
+    if state == DONE:
         return f"done · run {job.get('run')}"
-    if state == "failed":
+    if state == FAILED:
         return f"failed: {job.get('error')}"
-    if state == "cancelled":
+    if state == CANCELLED:
         return "cancelled · nothing was written"
     parts = [stage]
     if stage == "denoising" and job.get("total"):

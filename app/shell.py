@@ -4,22 +4,37 @@ views (and the local-generator panel when ``app.views.generator`` exists), and U
 Loading: ``State.dataset`` / ``State.compare`` hold what the user asked for (folder, URL or
 ``upload:NAME``). The shell opens it through the store; only the three JSON files are read up
 front. On failure the banner names the problem, the state goes back to the run still shown, and
-that run stays usable.
+that run stays usable, and nothing of the half-opened run is kept (its traceback's frames are
+cleared, then ``gc.collect()``).
+
+Under ``panel serve`` the open and the schema check run in a worker thread (:func:`background_runner`),
+so a slow or hostile run never stalls the server's event loop, this session's or another's; the result
+is applied on the session's own loop (a Bokeh next-tick callback). One load at a time per slot (run,
+comparison run): a request made meanwhile waits, the latest one wins, and an older result it replaces is
+dropped (unless nothing is shown yet). In the Pyodide worker, and without a server session (tests,
+scripts), a run is opened inline.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
+import gc
 import html
 import importlib
 import importlib.util
+import logging
 import os
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 import panel as pn
 import param
 from panel.io.document import hold
+from panel.io.state import set_curdoc
 
 from app.state import ALL_LAYERS, DEFAULT_DATASET, State
-from app.store import UPLOAD_PREFIX, RunData, Store, one_line
+from app.store import IN_BROWSER, UPLOAD_PREFIX, RunData, Store, one_line
 from app.views.attention import AttentionView
 from app.views.common import CSS, View
 from app.views.compare import CompareView
@@ -36,6 +51,71 @@ def default_dataset() -> str:
     return os.environ.get("DIFFVIZ_DATASET", "").strip() or DEFAULT_DATASET
 
 
+#: ``runner(work, done)``: run ``work()`` somewhere, then ``done(its result)`` on the session's loop.
+Runner = Callable[[Callable[[], Any], Callable[[Any], None]], None]
+#: Worker threads opening runs, shared by every session of the server process.
+LOAD_WORKERS = 4
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+log = logging.getLogger(__name__)
+
+
+def _load_executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="diffviz-load")
+    return _executor
+
+
+def background_runner() -> Runner | None:
+    """A :data:`Runner` using a worker thread for this session (``pn.state.curdoc``) under ``panel serve``;
+    None where loads run inline: in the Pyodide worker (no threads) and outside a server session (a script,
+    a test, or ``panel convert``'s prerender, whose mock session has no server: it must see the loaded run)."""
+    doc = pn.state.curdoc
+    if IN_BROWSER or doc is None or getattr(doc.session_context, "server_context", None) is None:
+        return None
+
+    def run(work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        def finished(future: Any) -> None:
+            try:
+                result = future.result()
+            except BaseException as exc:  # noqa: BLE001 - work catches its own errors; this is cancellation
+                result = (None, one_line(exc))
+            del future
+
+            def apply() -> None:
+                with set_curdoc(doc), hold(doc):
+                    done(result)
+
+            try:
+                doc.add_next_tick_callback(apply)  # thread-safe; the session's loop runs it
+            except Exception:  # noqa: BLE001 - the session is gone
+                log.debug("diffviz: session closed before its run loaded", exc_info=True)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # panel serve --num-threads: this callback is already off the loop
+            _load_executor().submit(work).add_done_callback(finished)
+        else:
+            loop.run_in_executor(_load_executor(), work).add_done_callback(finished)
+
+    return run
+
+
+def _forget(exc: BaseException) -> None:
+    """Drop what a failed open's exception keeps alive: the frames of its traceback (and of the
+    exceptions it chains to) hold the half-opened run and the bytes it read."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
+        e.__traceback__ = e.__cause__ = e.__context__ = None
+
+
 def _generator_panel_class() -> Any:
     """``app.views.generator.GeneratorPanel`` if that module exists (the local-generator bridge panel)."""
     if importlib.util.find_spec("app.views.generator") is None:
@@ -50,13 +130,20 @@ class Dashboard(pn.viewable.Viewer):
     store = param.ClassSelector(class_=Store)
 
     def __init__(self, state: State | None = None, store: Store | None = None, *, cache_mb: int | None = None,
-                 sync_url: bool = True, **params: Any):
+                 sync_url: bool = True, runner: Runner | None = None, **params: Any):
+        """``runner`` replaces :func:`background_runner` (tests drive the deferred path with it)."""
         state = state if state is not None else State(dataset=default_dataset())
         store = store if store is not None else Store(cache_mb=cache_mb)
         super().__init__(state=state, store=store, **params)
         self.banner = pn.pane.HTML("", visible=False, sizing_mode="stretch_width", css_classes=["dv-banner"],
                                    stylesheets=[CSS], name="banner")
+        self.loading = pn.pane.HTML("", visible=False, sizing_mode="stretch_width", css_classes=["dv-loading"],
+                                    stylesheets=[CSS])
+        self._runner = runner
         self._loaded: dict[str, str | None] = {"dataset": None, "compare": None}
+        #: per slot: the text being opened now, and the latest request made meanwhile ``(text, force)``
+        self._busy: dict[str, str | None] = {"dataset": None, "compare": None}
+        self._queued: dict[str, tuple[str, bool] | None] = {"dataset": None, "compare": None}
 
         # Loaders run before any view reacts to the same change (watchers fire in registration order).
         state.param.watch(self._on_dataset, "dataset")
@@ -105,7 +192,7 @@ class Dashboard(pn.viewable.Viewer):
     def sidebar(self) -> list[Any]:
         return [
             pn.pane.HTML("<b>Run</b>", margin=(5, 10, 0, 10)), self.source_box, self.load_button, self.folder,
-            self.run_info,
+            self.loading, self.run_info,
         ]
 
     def main(self) -> list[Any]:
@@ -196,21 +283,65 @@ class Dashboard(pn.viewable.Viewer):
         self._load("compare", event.new)
 
     def _load(self, which: str, text: str, *, initial: bool = False, force: bool = False) -> None:
-        with hold():
-            self._load_held(which, text, initial=initial, force=force)
+        if self._busy[which] is not None:
+            self._queued[which] = (text, force)  # opened when the current load is done; the latest wins
+            return
+        self._begin(which, text, force=force, initial=initial)
 
-    def _load_held(self, which: str, text: str, *, initial: bool, force: bool) -> None:
+    def _begin(self, which: str, text: str, *, force: bool, initial: bool) -> None:
         if text == self._loaded[which] and not force:
             return
         if which == "compare" and not (text or "").strip():
             self._loaded["compare"] = ""
-            self.store.set_other(None)
+            with hold():
+                self.store.set_other(None)
             return
+        runner = self._runner or background_runner()
+        if runner is None:
+            data, message = self._open(text)
+            with hold():
+                self._finish(which, text, data, message, initial=initial)
+            return
+        self._busy[which] = text
+        self._show_loading()
+        runner(functools.partial(self._open, text), functools.partial(self._done, which, text))
+
+    def _open(self, text: str) -> tuple[RunData | None, str | None]:
+        """``store.open(text)`` as ``(data, None)``, or ``(None, one line)`` with nothing of the failed run kept.
+        Touches no Bokeh model: under ``panel serve`` it runs in a worker thread."""
         try:
-            data = self.store.open(text)
+            return self.store.open(text), None
         except Exception as exc:  # noqa: BLE001 - any failure: banner, previous run kept
+            message = one_line(exc)
+            _forget(exc)
+        gc.collect()
+        return None, message
+
+    def _done(self, which: str, text: str, outcome: tuple[RunData | None, str | None]) -> None:
+        """A deferred load finished (on the session's loop)."""
+        self._busy[which] = None
+        queued, self._queued[which] = self._queued[which], None
+        if queued is not None and queued[0] == text:
+            queued = None  # asked again for the same run meanwhile: this is it
+        data, message = outcome
+        del outcome
+        # a newer request replaces this result, unless nothing is shown yet (it is better than nothing)
+        if queued is None or (data is not None and self._loaded[which] is None):
+            self._finish(which, text, data, message, initial=False)
+        del data
+        if queued is not None:
+            self._begin(which, queued[0], force=queued[1], initial=False)
+        self._show_loading()
+
+    def _show_loading(self) -> None:
+        busy = [(w, t) for w, t in self._busy.items() if t is not None]
+        text = " · ".join(f"Loading {'comparison run' if w == 'compare' else 'run'} {t!r} …" for w, t in busy)
+        self.loading.param.update(object=f"<p class='dv-note'>{html.escape(text)}</p>" if busy else "", visible=bool(busy))
+
+    def _finish(self, which: str, text: str, data: RunData | None, message: str | None, *, initial: bool) -> None:
+        if data is None:
             what = "comparison run" if which == "compare" else "run"
-            self.show_error(f"Could not load {what} {text!r}: {one_line(exc)}")
+            self.show_error(f"Could not load {what} {text!r}: {message}")
             previous = self._loaded[which]
             if previous is not None and getattr(self.state, which) != previous:
                 setattr(self.state, which, previous)

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,20 @@ def _stage_sources(root: Path, stage: Path) -> None:
             shutil.copy2(src, stage / name)
         else:
             raise SiteError(f"{src}: missing from the checkout")
+
+
+def _not_plain(folder: str, names: list[str]) -> set[str]:
+    """For ``copytree``: skip what is neither a regular file nor a folder (a FIFO would block the copy)."""
+    skip = set()
+    for name in names:
+        try:
+            mode = os.stat(os.path.join(folder, name)).st_mode
+        except OSError:
+            skip.add(name)
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            skip.add(name)
+    return skip
 
 
 def _can_build_offline() -> bool:
@@ -705,7 +720,7 @@ def build_site(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] | N
             requirements = [str(wheel), *wheel_requirements(wheel)]
             for name, path in plan.datasets:
                 log(f"copying dataset {path} -> datasets/{name}/")
-                shutil.copytree(path, staging / "datasets" / name)
+                shutil.copytree(path, staging / "datasets" / name, ignore=_not_plain)
             hosted = plan.self_hosted
             if hosted and hosted.folder:
                 log(f"copying {hosted.folder} -> {VENDOR}/")

@@ -122,12 +122,13 @@ def files_from_upload(filenames: list[str], contents: list[bytes]) -> tuple[str,
 
 
 def check_schema(run: Any, label: str) -> None:
-    """Raise :class:`DatasetError` naming the first place where one of the three JSON files breaks ``schema.json``."""
+    """Raise :class:`DatasetError` naming the first place where one of the three JSON files breaks ``schema.json``
+    (and how many more there are: ``schema_errors`` bounds that count)."""
     for name, document, part in (("metadata.json", run.metadata, "metadata"), ("metrics.json", run.metrics, "metrics"),
                                  ("latent_pca.json", run.pca, "latent_pca")):
-        errors = _validate.schema_errors(document, part)
+        errors = _validate.schema_errors(document, part, limit=1)  # the first line, then "… and N more schema errors"
         if errors:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            more = f" ({errors[1].lstrip('… ').strip()})" if len(errors) > 1 else ""
             raise DatasetError(f"{label}: {name} fails validation: {errors[0]}{more}")
 
 

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-MAX_PROMPT_CHARS = 2000
-MAX_STEPS = 1000
-MAX_RESOLUTION = 256
-MAX_IMAGE_SIDE = 4096
+from export import contract
+
+# the dataset contract's caps, so the generator never writes a run its own validator refuses
+MAX_PROMPT_CHARS = contract.MAX_PROMPT_CHARS
+MAX_STEPS = contract.MAX_STEPS
+MAX_RESOLUTION = contract.MAX_GRID_SIDE
+MAX_IMAGE_SIDE = contract.MAX_IMAGE_SIDE
 MAX_CFG_SCALE = 100.0
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("float32", "float16", "bfloat16")

@@ -211,6 +211,14 @@ def prepare(config: GenerateConfig, *, warn: bool = True) -> Prepared:
     return Prepared(family) if peek is None else _plan(config, family, peek, warn=warn)
 
 
+def plan_warnings(config: GenerateConfig, prepared: Prepared) -> None:
+    """Warn what :func:`prepare` warns about this plan (uneven pooling, projected size), for a caller that
+    prepared silently and wants the warnings where it records them (the bridge's job thread). Cheap: the
+    peek is reused, no configs are read."""
+    if prepared.peek is not None and prepared.plans is not None:
+        _plan(config, prepared.family, prepared.peek, warn=True)
+
+
 def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = True) -> Prepared:
     """Raises ConfigError (size), LayerSelectionError, ShapeMismatchError (uneven pooling under
     --fail-on-shape-error) or SizeLimitError (under --enforce-size-limit); warns otherwise."""
@@ -226,8 +234,10 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
         settle(problems, config.fail_on_shape_error)
     tokens = family.tokens(peek.tokenizers, config.prompt)
     latent_shape = [int(peek.denoiser.config.in_channels), height // vsf, width // vsf]
+    layers = [plan.to_metadata(len(tokens.tokens)) for plan in plans]
+    _check_map_caps(layers)
     projected = contract.projected_bytes(
-        config.num_steps, [plan.to_metadata(len(tokens.tokens)) for plan in plans], image_size=(height, width),
+        config.num_steps, layers, image_size=(height, width),
         latent_shape=latent_shape, save_latents_noise=config.save_latents_noise)
     if projected > config.max_dataset_mb * 1e6:
         message = (f"the run is projected at {projected / 1e6:.1f} MB, over --max-dataset-mb "
@@ -237,6 +247,17 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
         if warn:
             warnings.warn(message, SizeWarning, stacklevel=3)
     return Prepared(family, peek, height, width, plans, tokens, latent_shape)
+
+
+def _check_map_caps(layers: list[dict]) -> None:
+    """ConfigError when one map file would pass ``contract.MAX_MAP_BYTES``, which the validator refuses."""
+    for key, flag in (("self_shape", "self_attention_resolution"), ("cross_shape", "attention_resolution")):
+        for layer in layers:
+            shape = layer.get(key)
+            if shape and contract.shape_bytes(shape) > contract.MAX_MAP_BYTES:
+                raise ConfigError(flag, f"layer {layer['name']} would store {key.split('_')[0]} maps of shape {shape}, "
+                                        f"{contract.shape_bytes(shape) / 2**20:.0f} MiB per step, over the "
+                                        f"{contract.MAX_MAP_BYTES >> 20} MiB cap of one map file; lower it")
 
 
 def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) -> Path:

@@ -55,6 +55,56 @@ V1_FAMILY = {
 }
 
 
+# --------------------------------------------------------------------------- caps
+# Every read of a run is bounded by these before any work starts (CONTRACT.md "Caps"). They sit well
+# above any real run (SDXL at 50 steps has ~7,000 files; Flux ~5,700) and far below what hurts.
+MiB = 1 << 20
+MAX_STEPS = 1000
+MAX_LAYERS = 256
+MAX_TOKENS = 1024
+MAX_HEADS = 128
+MAX_GRID_SIDE = 256
+MAX_IMAGE_SIDE = 4096
+MAX_RANK = 4
+MAX_FILES = 100_000
+MAX_MAP_BYTES = 256 * MiB
+MAX_IMAGE_BYTES = 64 * MiB
+MAX_LATENTS_BYTES = 1024 * MiB
+MAX_JSON_BYTES = {METADATA_FILE: 32 * MiB, METRICS_FILE: 64 * MiB, PCA_FILE: 1 * MiB, VALIDATION_FILE: 1 * MiB}
+#: Cap for a JSON document not named above (e.g. a bridge request body's own cap is smaller).
+MAX_OTHER_JSON_BYTES = 1 * MiB
+MAX_JSON_DEPTH = 64
+MAX_PROMPT_CHARS = 2000
+MAX_STRING_CHARS = 4096
+MAX_PATH_CHARS = 1024
+MAX_NAME_CHARS = 255
+#: Problem lines reported before the rest are only counted.
+MAX_PROBLEMS = 20
+
+
+def kind_byte_cap(kind: str, name: str = "") -> int:
+    """The most bytes a listed file of this manifest ``kind`` may have."""
+    if kind in (KIND_CROSS, KIND_SELF):
+        return MAX_MAP_BYTES
+    if kind == KIND_IMAGE:
+        return MAX_IMAGE_BYTES
+    if kind == KIND_LATENTS:
+        return MAX_LATENTS_BYTES
+    return MAX_JSON_BYTES.get(name, MAX_OTHER_JSON_BYTES)
+
+
+def generator() -> dict[str, str]:
+    """``metadata.generator``: this package's name and installed version (``diffviz.__version__`` is the one source,
+    which ``pyproject.toml`` reads; the installed distribution's metadata carries it here and into the browser wheel)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("diffviz")
+    except metadata.PackageNotFoundError:  # a bare checkout, not installed
+        version = "unknown"
+    return {"name": "diffviz", "version": version}
+
+
 class DatasetError(ValueError):
     """A problem with a run's data or layout. The message is one line naming the problem."""
 
@@ -89,6 +139,12 @@ def image_path(step: int) -> str:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about untrusted values."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 12]}…({len(text)} chars)"
+
+
 def check_relative_path(path: str) -> str:
     """Return ``path`` if it is a plain relative path inside a run, else raise :class:`DatasetError`.
 
@@ -96,9 +152,11 @@ def check_relative_path(path: str) -> str:
     ``scheme:`` prefix), backslashes, ``.``/``..``/empty components, control characters.
     """
     if not isinstance(path, str) or not path:
-        raise DatasetError(f"path {path!r}: must be a non-empty string")
-    if any(ord(c) < 32 for c in path):
-        raise DatasetError(f"path {path!r}: contains control characters")
+        raise DatasetError(f"path {shown(path)}: must be a non-empty string")
+    if len(path) > MAX_PATH_CHARS or any(len(part) > MAX_NAME_CHARS for part in path.split("/")):
+        raise DatasetError(f"path {shown(path)}: longer than {MAX_PATH_CHARS} characters or a name over {MAX_NAME_CHARS}")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in path):
+        raise DatasetError(f"path {shown(path)}: contains control characters or lone surrogates")
     if "\\" in path:
         raise DatasetError(f"path {path!r}: backslashes are not allowed")
     if path.startswith("/"):
@@ -119,6 +177,12 @@ def resolve_inside(root: str | os.PathLike, relpath: str) -> Path:
     if full != base and base not in full.parents:
         raise DatasetError(f"path {relpath!r}: resolves outside the run folder (symlink?)")
     return full
+
+
+def latents_members(num_steps: int, latent_shape: Sequence[int]) -> dict[str, tuple[str, list[int]]]:
+    """The arrays of ``LATENTS_FILE``: ``{name: (dtype, shape)}`` (latents x_T..x_0 and the predicted noise)."""
+    shape = [int(d) for d in latent_shape]
+    return {"latents": (BIN_DTYPE, [int(num_steps) + 1] + shape), "noise": (BIN_DTYPE, [int(num_steps)] + shape)}
 
 
 def shape_bytes(shape: Sequence[int]) -> int:

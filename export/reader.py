@@ -15,15 +15,16 @@
     run.schema_version, run.family, run.per_head, run.num_heads(layer), run.self_grid(layer),
     run.cross_grid(layer), run.image_size   # schema 1 runs get schema-2 answers (family: contract.V1_FAMILY)
 
-Each source only implements ``read_bytes(relpath) -> bytes`` (whole files: HTTP range requests are
-never assumed). Arrays handed out are read-only, because the cache shares them. Every problem
+Each source only implements ``read_bytes(relpath, limit) -> bytes`` (whole files: HTTP range requests are
+never assumed), refusing more than ``limit`` bytes. Every read is bounded before it starts
+(``export.bounded``: regular files only, the manifest's byte count, the contract's caps); maps with NaN/Inf
+are refused when read. Arrays handed out are read-only, because the cache shares them. Every problem
 with the data raises :class:`export.contract.DatasetError` with one line naming it.
 """
 from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import os
 import sys
@@ -34,7 +35,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 
-from . import contract
+from . import bounded, contract
 from .contract import DatasetError
 
 
@@ -46,7 +47,7 @@ def in_pyodide() -> bool:
 class Source(Protocol):
     name: str
 
-    def read_bytes(self, relpath: str) -> bytes: ...
+    def read_bytes(self, relpath: str, limit: int) -> bytes: ...
 
 
 class FolderSource:
@@ -59,24 +60,27 @@ class FolderSource:
         self.name = self.root.resolve().name
         self.description = str(self.root)
 
-    def read_bytes(self, relpath: str) -> bytes:
-        full = contract.resolve_inside(self.root, relpath)
+    def read_bytes(self, relpath: str, limit: int) -> bytes:
         try:
-            return full.read_bytes()
-        except FileNotFoundError:
-            raise DatasetError(f"{relpath}: missing from {self.root}") from None
-        except OSError as exc:
-            raise DatasetError(f"{relpath}: unreadable: {exc.strerror or exc}") from None
+            return bounded.read_file(self.root, relpath, limit=limit)
+        except bounded.MissingFile:
+            raise DatasetError(f"{relpath}: missing from {bounded.folder_name(self.root)}") from None
 
 
-def fetch_urllib(url: str, timeout: float = 30.0) -> bytes:
-    """GET a whole file with urllib (CPython)."""
+def fetch_urllib(url: str, limit: int, timeout: float = 30.0) -> bytes:
+    """GET a whole file with urllib (CPython), refusing a body over ``limit`` bytes before reading it."""
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.read()
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise DatasetError(f"{url}: {length} bytes, over the cap of {limit}")
+            data = resp.read(limit + 1)
+            if len(data) > limit:
+                raise DatasetError(f"{url}: more than {limit} bytes, over the cap")
+            return data
     except urllib.error.HTTPError as exc:
         raise DatasetError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
@@ -85,11 +89,12 @@ def fetch_urllib(url: str, timeout: float = 30.0) -> bytes:
         raise DatasetError(f"{url}: cannot fetch: {exc}") from None
 
 
-def fetch_pyodide(url: str) -> bytes:
+def fetch_pyodide(url: str, limit: int) -> bytes:
     """GET a whole file inside a Pyodide web worker.
 
     The same synchronous ``XMLHttpRequest`` as ``panel.io.pyodide.fetch_binary`` (which needs a
     worker too), plus the HTTP status check it lacks: without it a 404 page would come back as data.
+    A synchronous XHR cannot stop early, so the cap is checked once the browser has the body.
     """
     try:
         from js import XMLHttpRequest  # type: ignore[import-not-found]
@@ -107,14 +112,17 @@ def fetch_pyodide(url: str) -> bytes:
         raise DatasetError(f"{url}: cannot fetch (network error or blocked by CORS)")
     if status != 0 and not 200 <= status < 300:
         raise DatasetError(f"{url}: HTTP {status} {xhr.statusText}")
-    return bytes(xhr.response.to_py())
+    data = bytes(xhr.response.to_py())
+    if len(data) > limit:
+        raise DatasetError(f"{url}: {len(data)} bytes, over the cap of {limit}")
+    return data
 
 
 class URLSource:
     """Files under a base URL. Under CPython ``urllib``; under Pyodide (``sys.platform ==
     "emscripten"``) a synchronous XHR, where a relative base resolves against the worker's URL."""
 
-    def __init__(self, base: str, fetch: Callable[[str], bytes] | None = None):
+    def __init__(self, base: str, fetch: Callable[[str, int], bytes] | None = None):
         if not base:
             raise DatasetError("empty dataset URL")
         self.base = base if base.endswith("/") else base + "/"
@@ -125,8 +133,8 @@ class URLSource:
     def url(self, relpath: str) -> str:
         return urljoin(self.base, quote(contract.check_relative_path(relpath)))
 
-    def read_bytes(self, relpath: str) -> bytes:
-        return self.fetch(self.url(relpath))
+    def read_bytes(self, relpath: str, limit: int) -> bytes:
+        return self.fetch(self.url(relpath), limit)
 
 
 class BytesSource:
@@ -152,12 +160,14 @@ class BytesSource:
         self.name = prefix.rstrip("/").rsplit("/", 1)[-1] or name
         self.description = f"uploaded files ({self.name})"
 
-    def read_bytes(self, relpath: str) -> bytes:
+    def read_bytes(self, relpath: str, limit: int) -> bytes:
         contract.check_relative_path(relpath)
         try:
             data = self.files[relpath]
         except KeyError:
             raise DatasetError(f"{relpath}: not among the uploaded files") from None
+        if len(data) > limit:
+            raise DatasetError(f"{relpath}: {len(data)} bytes, over the cap of {limit}")
         return bytes(data)
 
 
@@ -218,21 +228,6 @@ class LRUCache:
 
 
 # ============================================================================ run
-def _parse_json(name: str, data: bytes) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise DatasetError(f"{name}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except ValueError as exc:
-        raise DatasetError(f"{name}: not valid JSON ({exc})") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 _REQUIRED = {"run": dict, "tokens": list, "timesteps": list, "layers": list, "files": dict, "attention": dict}
 
 
@@ -243,17 +238,25 @@ class Run:
         self.source = source
         self.name = getattr(source, "name", "run")
         self.cache = LRUCache(int(cache_mb * 2**20))
-        meta = _parse_json(contract.METADATA_FILE, source.read_bytes(contract.METADATA_FILE))
+        name = contract.METADATA_FILE
+        meta = bounded.parse_json(name, source.read_bytes(name, contract.MAX_JSON_BYTES[name]))
         if not isinstance(meta, dict):
             raise DatasetError(f"{contract.METADATA_FILE}: not a JSON object")
         contract.known_schema_version(meta)
+        over = bounded.metadata_bounds(meta)
+        if over:
+            raise DatasetError(over[0] + (f" (and {len(over) - 1} more)" if len(over) > 1 else ""))
         for key, typ in _REQUIRED.items():
             if not isinstance(meta.get(key), typ):
                 raise DatasetError(f"{contract.METADATA_FILE}: {key!r} is missing or not a {typ.__name__}")
         for rel, entry in meta["files"].items():
             contract.check_relative_path(rel)
-            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
-                raise DatasetError(f"{contract.METADATA_FILE}: manifest entry {rel!r} has no byte count")
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or isinstance(entry["bytes"], bool):
+                raise DatasetError(f"{contract.METADATA_FILE}: manifest entry {contract.shown(rel)} has no byte count")
+            cap = contract.kind_byte_cap(str(entry.get("kind")), rel)
+            if not 0 <= entry["bytes"] <= cap:
+                raise DatasetError(f"{contract.METADATA_FILE}: manifest entry {contract.shown(rel)}: {entry['bytes']} bytes, "
+                                   f"over the cap of {cap}")
         self.metadata: dict[str, Any] = meta
         self.metrics: dict[str, Any] = self._json(contract.METRICS_FILE)
         self.pca: dict[str, Any] = self._json(contract.PCA_FILE)
@@ -364,14 +367,18 @@ class Run:
     def _json(self, name: str) -> Any:
         if name not in self.files:
             raise DatasetError(f"{name}: not in the manifest")
-        return _parse_json(name, self.read_bytes(name))
+        doc = bounded.parse_json(name, self.read_bytes(name))
+        over = bounded.list_bounds(name, doc)
+        if over:
+            raise DatasetError(over)
+        return doc
 
     def read_bytes(self, relpath: str) -> bytes:
         """The raw bytes of a listed file, checked against the manifest's byte count (not cached)."""
         entry = self.files.get(relpath)
         if entry is None:
             raise DatasetError(f"{relpath}: not in this run's manifest")
-        data = self.source.read_bytes(relpath)
+        data = self.source.read_bytes(relpath, entry["bytes"])  # within its kind's cap: checked at open
         if len(data) != entry["bytes"]:
             raise DatasetError(f"{relpath}: {len(data)} bytes, the manifest says {entry['bytes']}")
         return data
@@ -396,13 +403,15 @@ class Run:
             if entry is None:
                 raise DatasetError(f"{relpath}: not in this run's manifest ({kind} attention not recorded?)")
             shape = entry.get("shape")
-            if entry.get("dtype") != contract.BIN_DTYPE or not isinstance(shape, list):
+            if entry.get("dtype") != contract.BIN_DTYPE or not isinstance(shape, list) or len(shape) > contract.MAX_RANK:
                 raise DatasetError(f"{relpath}: manifest lacks dtype {contract.BIN_DTYPE!r} and a shape")
             expected = contract.shape_bytes(shape)
-            data = self.source.read_bytes(relpath)
-            if len(data) != expected:
-                raise DatasetError(f"{relpath}: {len(data)} bytes, shape {shape} needs {expected}")
-            arr = np.frombuffer(data, contract.BIN_DTYPE).reshape(shape).astype(np.float32)
+            if expected != entry["bytes"]:
+                raise DatasetError(f"{relpath}: the manifest says {entry['bytes']} bytes, shape {shape} needs {expected}")
+            arr = np.frombuffer(self.read_bytes(relpath), contract.BIN_DTYPE).reshape(shape).astype(np.float32)
+            bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise DatasetError(f"{relpath}: {bad} non-finite values (NaN/Inf)")
             arr.flags.writeable = False
             return arr
 
@@ -454,6 +463,7 @@ class Run:
             from PIL import Image
 
             data = self.read_bytes(rel)
+            bounded.png_size(rel, data, self.files[rel].get("shape"))  # before a pixel is unpacked
             try:
                 with Image.open(io.BytesIO(data)) as im:
                     arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
@@ -471,13 +481,14 @@ class Run:
             return None
 
         def load() -> tuple[np.ndarray, np.ndarray]:
-            data = self.read_bytes(rel)
-            try:
-                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                    out = tuple(npz[k].astype(np.float32) for k in ("latents", "noise"))
-            except Exception as exc:
-                raise DatasetError(f"{rel}: does not load ({exc})") from None
-            for a in out:
+            shape = self.metadata.get("latent_shape")
+            if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+                raise DatasetError(f"{contract.METADATA_FILE}: latent_shape is missing or not a list of sizes")
+            arrays = bounded.npz_arrays(rel, self.read_bytes(rel), contract.latents_members(self.num_steps, shape))
+            out = tuple(arrays[k].astype(np.float32) for k in ("latents", "noise"))
+            for name, a in zip(("latents", "noise"), out):
+                if not np.isfinite(a).all():
+                    raise DatasetError(f"{rel}: {name} has non-finite values (NaN/Inf)")
                 a.flags.writeable = False
             return out
 

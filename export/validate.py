@@ -1,8 +1,10 @@
 """``diffviz validate DIR [--strict]``: check a run folder against the dataset contract.
 
 Problems (the run is invalid; exit 1):
-  * ``metadata.json``, ``metrics.json`` or ``latent_pca.json`` missing, not JSON, or failing
-    ``export/schema.json``; ``schema_version`` unknown;
+  * ``metadata.json``, ``metrics.json`` or ``latent_pca.json`` missing, not a regular file, over its cap,
+    not JSON (``1e999``, duplicate keys and deep nesting included), or failing ``export/schema.json``;
+    ``schema_version`` unknown; counts, shapes or strings over the caps;
+  * values outside their definition: entropy outside [0, 1], KL below 0, token shares that do not sum to 1;
   * a manifest path that is absolute, has ``..``, a backslash or a URL, or that resolves outside
     the folder (symlink); a symlink anywhere in the folder that points outside it;
   * a listed file that is missing, whose size differs from ``bytes``, whose sha256 differs, or
@@ -28,12 +30,16 @@ Warnings (reported; problems only under ``--strict``):
     (long side) (pooled up).
 
 Each file gets at most one problem line (the first check it fails), so one corruption gives one line.
+Everything is bounded before work starts (``export.bounded``, the caps in CONTRACT.md): oversized counts,
+files, archives and documents are refused, not worked through, and at most ``contract.MAX_PROBLEMS``
+lines are printed, then one counting the rest.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -45,14 +51,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import contract
+from . import bounded, contract
 from .contract import DatasetError
 
 STRICT_RULE = (
     "--strict also fails on warnings: unlisted files, manifest entries outside the layout, "
     "a missing or failing validation.json, maps stored above their native or requested resolution"
 )
-MAX_SCHEMA_LINES = 20
+MAX_SCHEMA_LINES = contract.MAX_PROBLEMS
+#: Schema errors counted past the ones shown (counting them all could take minutes on a hostile document).
+MAX_SCHEMA_COUNT = 1_000
+#: Entries of the run folder walked for unlisted files and symlinks before the walk gives up.
+MAX_WALK_ENTRIES = 2 * contract.MAX_FILES
 
 
 @dataclass
@@ -70,10 +80,9 @@ class Report:
 
 def report_json(report: Report) -> dict[str, Any]:
     """The content of ``validation.json``."""
-    from .writer import GENERATOR
-
+    generator = contract.generator()
     return {
-        "validator": f"{GENERATOR['name']} {GENERATOR['version']}",
+        "validator": f"{generator['name']} {generator['version']}",
         "schema_version": report.schema_version if report.schema_version is not None else contract.SCHEMA_VERSION,
         "valid": report.valid,
         "problems": list(report.problems),
@@ -89,35 +98,89 @@ def _schema() -> dict[str, Any]:
     return json.loads((Path(__file__).with_name("schema.json")).read_text(encoding="utf-8"))
 
 
-def schema_errors(document: Any, part: str) -> list[str]:
-    """Lines describing where ``document`` breaks ``schema.json``'s ``$defs/<part>`` (metadata, metrics, latent_pca)."""
+def schema_errors(document: Any, part: str, limit: int = MAX_SCHEMA_LINES) -> list[str]:
+    """Lines describing where ``document`` breaks ``schema.json``'s ``$defs/<part>`` (metadata, metrics, latent_pca).
+
+    At most ``limit`` lines, in document order, then one line counting the rest (up to ``MAX_SCHEMA_COUNT``)."""
     import jsonschema
 
     schema = _schema()
     validator = jsonschema.Draft202012Validator({"$ref": f"#/$defs/{part}", "$defs": schema["$defs"]})
+    groups: dict[str, list[str]] = {}
+    if part == "metadata" and isinstance(document, dict) and isinstance(document.get("files"), dict):
+        document, groups = _manifest_forms(document, schema["$defs"]["metadata"]["properties"]["files"])
+    errors = (_path(err, groups, i) for err in validator.iter_errors(document) for i in range(len(_group(err, groups))))
+    shown = sorted(itertools.islice(errors, limit), key=lambda e: e[0])
     lines = []
-    for err in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
-        where = "/".join(map(str, err.absolute_path)) or "(top level)"
+    for path, err in shown:
+        where = "/".join(map(str, path)) or "(top level)"
+        where = where if len(where) <= 120 else where[:117] + "..."
         message = err.message if len(err.message) <= 160 else err.message[:157] + "..."
         lines.append(f"{where}: {message}")
+    more = sum(1 for _ in itertools.islice(errors, MAX_SCHEMA_COUNT))
+    if more:
+        lines.append(f"… and {'more than ' if more == MAX_SCHEMA_COUNT else ''}{more} more schema errors")
     return lines
 
 
-def _load_json(root: Path, name: str) -> Any:
-    try:
-        text = (root / name).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"{name}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{name}: unreadable: {exc}") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise DatasetError(f"{name}: not valid JSON: {exc}") from None
+# The manifest is most of metadata.json (thousands of entries) and jsonschema takes ~0.4 ms per entry. Entries
+# that differ only in a valid sha256 and a valid byte count have the same errors, so one of each form is
+# validated and its errors stand for the whole group. Validity of those two values comes from the schema itself.
+_FORM_KEYS = ("sha256", "bytes")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
+def _manifest_forms(meta: dict[str, Any], files_schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    import jsonschema
+
+    entry_schema = files_schema.get("additionalProperties", {})
+    checks = {k: jsonschema.Draft202012Validator(entry_schema.get("properties", {}).get(k, {})) for k in _FORM_KEYS}
+    forms: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    known: dict[tuple[str, Any], bool] = {}  # byte counts repeat across entries
+    for rel, entry in meta["files"].items():
+        form = rel
+        if isinstance(entry, dict) and all(k in entry and _valid_scalar(checks[k], k, entry[k], known) for k in _FORM_KEYS):
+            form = json.dumps({k: v for k, v in entry.items() if k not in _FORM_KEYS}, sort_keys=True)
+        first = forms.setdefault(form, rel)
+        groups.setdefault(first, []).append(rel)
+    compact = dict(meta, files={first: meta["files"][first] for first in groups})
+    return compact, groups
+
+
+def _valid_scalar(validator: Any, key: str, value: Any, known: dict[tuple[str, Any], bool]) -> bool:
+    """``validator.is_valid(value)``; a string is checked by the schema's own ``type``/``pattern`` when that is all
+    the schema says (the sha256s: all different, so a cache would not help)."""
+    sub = validator.schema
+    if isinstance(value, str) and set(sub) <= {"type", "pattern"} and sub.get("type") == "string":
+        return "pattern" not in sub or _pattern(sub["pattern"]).search(value) is not None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if (key, value) not in known:
+            known[(key, value)] = validator.is_valid(value)
+        return known[(key, value)]
+    return validator.is_valid(value)
+
+
+@lru_cache(maxsize=16)
+def _pattern(pattern: str) -> "re.Pattern[str]":
+    import re
+
+    return re.compile(pattern)
+
+
+def _group(err: Any, groups: dict[str, list[str]]) -> list[str]:
+    """The manifest keys an error at a representative entry stands for ([None] outside the manifest)."""
+    path = list(err.absolute_path)
+    if groups and len(path) >= 2 and path[0] == "files" and path[1] in groups:
+        return groups[path[1]]
+    return [None]
+
+
+def _path(err: Any, groups: dict[str, list[str]], i: int) -> tuple[list[str], Any]:
+    path = list(map(str, err.absolute_path))
+    keys = _group(err, groups)
+    if keys[i] is not None:
+        path[1] = keys[i]
+    return path, err
 
 
 class _Checker:
@@ -125,40 +188,48 @@ class _Checker:
         self.root = root
         self.expect_validation_file = expect_validation_file
         self.report = Report()
+        self._problems = bounded.Problems()
+        self._warnings = bounded.Problems()
 
     def problem(self, line: str) -> None:
-        self.report.problems.append(" ".join(line.split()))
+        self._problems.add(line)
 
     def warning(self, line: str) -> None:
-        self.report.warnings.append(" ".join(line.split()))
+        self._warnings.add(line)
+
+    def finish(self) -> Report:
+        self.report.problems = self._problems.report()
+        self.report.warnings = [line.replace("more problem", "more warning") for line in self._warnings.report()]
+        return self.report
 
     # ------------------------------------------------------------------ top level
-    def run(self) -> Report:
+    def run(self) -> None:
         try:
-            meta = _load_json(self.root, contract.METADATA_FILE)
+            meta = bounded.read_json(self.root, contract.METADATA_FILE)
             if not isinstance(meta, dict):
                 raise DatasetError(f"{contract.METADATA_FILE}: not a JSON object")
             self.version = self.report.schema_version = contract.known_schema_version(meta)
         except DatasetError as exc:
             self.problem(str(exc))
-            return self.report
+            return
+        over = bounded.metadata_bounds(meta)
+        if over:
+            for line in over:
+                self.problem(line)
+            return
         errors = schema_errors(meta, "metadata")
         if errors:
-            for line in errors[:MAX_SCHEMA_LINES]:
+            for line in errors:
                 self.problem(f"{contract.METADATA_FILE}: {line}")
-            if len(errors) > MAX_SCHEMA_LINES:
-                self.problem(f"{contract.METADATA_FILE}: {len(errors) - MAX_SCHEMA_LINES} more schema errors")
-            return self.report
+            return
         self.meta = meta
         self.check_layout_consistency()
         listed = self.check_files()
         self.check_completeness(listed)
         self.check_json_files(listed)
-        self.check_unlisted(listed)
-        self.check_symlinks()
+        self.check_folder(listed)
         if self.expect_validation_file:
             self.check_validation_file()
-        return self.report
 
     # ------------------------------------------------------------------ metadata consistency
     def check_layout_consistency(self) -> None:
@@ -279,39 +350,48 @@ class _Checker:
             listed[rel] = entry
             self.report.files_checked += 1
             try:
-                self.check_file(rel, contract.resolve_inside(self.root, rel), entry)
+                self.check_file(rel, entry)
+            except bounded.MissingFile:
+                self.problem(f"{rel}: listed in the manifest but missing")
+                self.bad_files.add(rel)
             except DatasetError as exc:
-                self.problem(f"{rel}: {exc}" if not str(exc).startswith(f"path {rel!r}") else str(exc))
+                named = str(exc).startswith((f"{rel}:", "path "))
+                self.problem(str(exc) if named else f"{rel}: {exc}")
                 self.bad_files.add(rel)
             except Exception as exc:  # never a traceback for bad data
                 self.problem(f"{rel}: could not be checked: {type(exc).__name__}: {exc}")
                 self.bad_files.add(rel)
         return listed
 
-    def check_file(self, rel: str, full: Path, entry: dict[str, Any]) -> None:
+    def check_file(self, rel: str, entry: dict[str, Any]) -> None:
         kind = entry["kind"]
         if kind in (contract.KIND_CROSS, contract.KIND_SELF):
             if entry["dtype"] != contract.BIN_DTYPE:
                 raise DatasetError(f"dtype {entry['dtype']!r} is not {contract.BIN_DTYPE!r}")
             if entry["bytes"] != contract.shape_bytes(entry["shape"]):
                 raise DatasetError(f"manifest says {entry['bytes']} bytes but shape {entry['shape']} needs {contract.shape_bytes(entry['shape'])}")
-        if not full.is_file():
-            raise DatasetError("listed in the manifest but missing" if not full.exists() else "is not a file")
-        size = full.stat().st_size
-        if size != entry["bytes"]:
-            raise DatasetError(f"size {size} bytes != manifest bytes {entry['bytes']} (truncated or changed)")
-        data = full.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise DatasetError(f"sha256 mismatch (file {digest[:12]}…, manifest {entry['sha256'][:12]}…)")
+        cap = contract.kind_byte_cap(kind, rel)
+        if entry["bytes"] > cap:
+            raise DatasetError(f"manifest says {entry['bytes']} bytes, over the cap of {cap} for a {kind} file")
+        if kind == contract.KIND_LATENTS:  # the largest kind: hashed in a stream, unpacked from the file
+            digest = bounded.sha256_file(self.root, rel, limit=cap, expect=entry["bytes"])
+            self.check_digest(digest, entry)
+            with bounded.open_regular(self.root, rel, limit=cap, expect=entry["bytes"]) as fh:
+                self.check_latents(fh, entry)
+            return
+        data = bounded.read_file(self.root, rel, limit=cap, expect=entry["bytes"])
+        self.check_digest(hashlib.sha256(data).hexdigest(), entry)
         if kind == contract.KIND_CROSS:
             self.check_cross(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
         elif kind == contract.KIND_SELF:
             self.check_self(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
         elif kind == contract.KIND_IMAGE:
-            self.check_image(data, entry)
-        elif kind == contract.KIND_LATENTS:
-            self.check_latents(data, entry)
+            self.check_image(rel, data, entry)
+
+    @staticmethod
+    def check_digest(digest: str, entry: dict[str, Any]) -> None:
+        if digest != entry["sha256"]:
+            raise DatasetError(f"sha256 mismatch (file {digest[:12]}…, manifest {entry['sha256'][:12]}…)")
 
     @staticmethod
     def _finite_nonneg(a: np.ndarray) -> np.ndarray:
@@ -349,41 +429,28 @@ class _Checker:
         if rows.size and np.abs(rows - 1).max() > tol:
             raise DatasetError(f"rows sum to {rows.min():.4f}..{rows.max():.4f}, not 1 ± {tol:g} ({contract.SELF_SUM_RULE})")
 
-    def check_image(self, data: bytes, entry: dict[str, Any]) -> None:
+    def check_image(self, rel: str, data: bytes, entry: dict[str, Any]) -> None:
         from PIL import Image
 
+        want = list(entry["shape"][:2])
+        bounded.png_size(rel, data, want)  # the header's size first: no decompression bomb is unpacked
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                size, mode, fmt = (im.height, im.width), im.mode, im.format
+                mode = im.mode
         except Exception as exc:
             raise DatasetError(f"does not decode as an image ({type(exc).__name__})") from None
-        if fmt != "PNG":
-            raise DatasetError(f"is {fmt}, not PNG")
         if mode != "RGB":
             raise DatasetError(f"mode {mode}, not RGB")
-        if list(size) != list(entry["shape"][:2]):
-            raise DatasetError(f"decodes to {size[0]}x{size[1]} but the manifest says {entry['shape'][0]}x{entry['shape'][1]}")
 
-    def check_latents(self, data: bytes, entry: dict[str, Any]) -> None:
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except Exception as exc:
-            raise DatasetError(f"does not load as .npz: {exc}") from None
-        latent_shape = list(self.meta["latent_shape"])
-        want = {"latents": [self.n + 1] + latent_shape, "noise": [self.n] + latent_shape}
-        for name, shape in want.items():
-            if name not in arrays:
-                raise DatasetError(f"has no {name!r} array")
-            a = arrays[name]
-            if a.dtype != np.dtype(contract.BIN_DTYPE):
-                raise DatasetError(f"{name} is {a.dtype}, not float16")
-            if list(a.shape) != shape:
-                raise DatasetError(f"{name} has shape {list(a.shape)}, expected {shape}")
+    def check_latents(self, fh: Any, entry: dict[str, Any]) -> None:
+        want = contract.latents_members(self.n, self.meta["latent_shape"])
+        for name, (_dtype, shape) in want.items():
             declared = entry.get("arrays", {}).get(name)
             if declared is not None and list(declared["shape"]) != shape:
                 raise DatasetError(f"manifest shape of {name} {declared['shape']} != {shape}")
+        arrays = bounded.npz_arrays(contract.LATENTS_FILE, fh, want)
+        for name, a in arrays.items():
             if not np.isfinite(a).all():
                 raise DatasetError(f"{name} has non-finite values (NaN/Inf)")
 
@@ -437,20 +504,24 @@ class _Checker:
             (contract.METRICS_FILE, "metrics", self.check_metrics),
             (contract.PCA_FILE, "latent_pca", self.check_pca),
         ):
-            if name not in listed or not (self.root / name).is_file():
-                continue  # already reported as missing
+            if name not in listed or name in self.bad_files:
+                continue  # already reported (missing, wrong size, unreadable, not JSON)
             try:
-                doc = _load_json(self.root, name)
+                doc = bounded.read_json(self.root, name)
             except DatasetError as exc:
                 self.problem(str(exc))
                 continue
-            errors = schema_errors(doc, part)
-            if errors:
-                for line in errors[:MAX_SCHEMA_LINES]:
-                    self.problem(f"{name}: {line}")
+            over = bounded.list_bounds(name, doc)
+            errors = [] if over else schema_errors(doc, part)
+            if over or errors:
+                for line in [over] if over else [f"{name}: {line}" for line in errors]:
+                    self.problem(line)
                 continue
-            for line in check(doc):
-                self.problem(f"{name}: {line}")
+            try:
+                for line in check(doc):
+                    self.problem(f"{name}: {line}")
+            except (OverflowError, ValueError, TypeError) as exc:
+                self.problem(f"{name}: values that are not numbers in range ({type(exc).__name__})")
 
     def check_metrics(self, m: dict[str, Any]) -> Iterable[str]:
         n, t, nl = self.n, self.t, len(self.meta["layers"])
@@ -477,32 +548,71 @@ class _Checker:
                 yield f"token_dominance.share must be [{n}][{t}]"
             elif len(d["ranking"]) != n or any(sorted(r) != list(range(t)) for r in d["ranking"]):
                 yield f"token_dominance.ranking must be {n} permutations of 0..{t - 1}"
+            elif n and t:
+                yield from self.check_shares(np.array(d["share"], dtype=np.float64))
+        yield from self.check_metric_values(m)
+
+    @staticmethod
+    def check_shares(share: np.ndarray) -> Iterable[str]:
+        """Each step's token shares lie in [0, 1] and sum to 1 (``analysis.metrics.token_dominance``)."""
+        tol = contract.SUM_TOLERANCE
+        if share.min() < -tol or share.max() > 1 + tol:
+            yield f"token_dominance.share has values outside [0, 1] ({share.min():.4g}..{share.max():.4g})"
+        sums = share.sum(axis=1)
+        bad = np.flatnonzero(np.abs(sums - 1) > tol)
+        if bad.size:
+            yield (f"token_dominance.share of step {int(bad[0])} sums to {sums[bad[0]]:.4f}, not 1 ± {tol:g} "
+                   f"({bad.size} step{'s' if bad.size > 1 else ''})")
+
+    @staticmethod
+    def check_metric_values(m: dict[str, Any]) -> Iterable[str]:
+        """Ranges the metrics have by definition (CONTRACT.md "metrics.json")."""
+        ranges = [("entropy", 0.0, 1.0, ("per_layer", "mean")), ("kl_consecutive", 0.0, math.inf, ("per_layer", "mean"))]
+        for key, low, high, parts in ranges:
+            section = m.get(key)
+            if section is None:
+                continue
+            for part in parts:
+                a = np.array(section[part], dtype=np.float64).ravel()  # null (a layer without cross maps) -> nan
+                a = a[~np.isnan(a)]
+                if a.size and (a.min() < low - 1e-6 or a.max() > high + 1e-6):
+                    span = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, ∞)"
+                    yield f"{key}.{part} has values outside {span} ({a.min():.4g}..{a.max():.4g})"
+        norms = np.array(m["latent_norm"], dtype=np.float64)
+        if norms.size and norms.min() < 0:
+            yield f"latent_norm has negative values (min {norms.min():.4g})"
+        cos = np.array(m["latent_cosine_prev"], dtype=np.float64)
+        cos = cos[~np.isnan(cos)]
+        if cos.size and (cos.min() < -1 - 1e-6 or cos.max() > 1 + 1e-6):
+            yield f"latent_cosine_prev has values outside [-1, 1] ({cos.min():.4g}..{cos.max():.4g})"
 
     def check_pca(self, p: dict[str, Any]) -> Iterable[str]:
         if len(p["coords"]) != self.n:
             yield f"coords has {len(p['coords'])} points, expected {self.n}"
 
     # ------------------------------------------------------------------ folder
-    def check_unlisted(self, listed: dict[str, dict[str, Any]]) -> None:
-        for dirpath, dirs, files in os.walk(self.root):
-            for name in files:
-                rel = Path(dirpath, name).relative_to(self.root).as_posix()
-                if rel not in listed and rel not in contract.UNLISTED_FILES:
-                    self.warning(f"{rel}: not listed in the manifest")
-
-    def check_symlinks(self) -> None:
+    def check_folder(self, listed: dict[str, dict[str, Any]]) -> None:
+        """Unlisted files (warnings) and symlinks out of the folder (problems), walking at most ``MAX_WALK_ENTRIES``."""
         base = self.root.resolve()
+        seen = 0
         for dirpath, dirs, files in os.walk(self.root):
             for name in dirs + files:
+                seen += 1
+                if seen > MAX_WALK_ENTRIES:
+                    self.problem(f"{bounded.folder_name(self.root)}: more than {MAX_WALK_ENTRIES} entries in the run folder")
+                    return
                 p = Path(dirpath, name)
-                if p.is_symlink() and p.relative_to(self.root).as_posix() not in self.meta["files"]:
+                rel = p.relative_to(self.root).as_posix()
+                if name in files and rel not in listed and rel not in contract.UNLISTED_FILES:
+                    self.warning(f"{rel}: not listed in the manifest")
+                if p.is_symlink() and rel not in self.meta["files"]:
                     target = p.resolve()
                     if target != base and base not in target.parents:
-                        self.problem(f"{p.relative_to(self.root).as_posix()}: symlink pointing outside the run folder")
+                        self.problem(f"{rel}: symlink pointing outside the run folder")
 
     def check_validation_file(self) -> None:
         try:
-            v = _load_json(self.root, contract.VALIDATION_FILE)
+            v = bounded.read_json(self.root, contract.VALIDATION_FILE)
         except DatasetError as exc:
             self.warning(str(exc))
             return
@@ -517,10 +627,10 @@ def check_run(path: str | os.PathLike, *, expect_validation_file: bool = True) -
         return Report(problems=[f"{root}: no such folder" if not root.exists() else f"{root}: not a folder"])
     checker = _Checker(root, expect_validation_file)
     try:
-        return checker.run()
+        checker.run()
     except Exception as exc:  # never a traceback for bad data
-        checker.problem(f"{root}: could not be checked: {type(exc).__name__}: {exc}")
-        return checker.report
+        checker.problem(f"{bounded.folder_name(root)}: could not be checked: {type(exc).__name__}: {str(exc)[:200]}")
+    return checker.finish()
 
 
 def validate_run(path: str | os.PathLike, strict: bool = False) -> list[str]:
@@ -539,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="treat warnings as problems")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when the run is valid")
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     root = Path(args.dir)
     if not root.is_dir():
         why = "no such folder" if not root.exists() else "not a folder"

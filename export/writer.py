@@ -39,7 +39,11 @@ import numpy as np
 from . import contract
 from .contract import DatasetError
 
-GENERATOR = {"name": "diffviz", "version": "0.1.0"}
+
+
+#: The writer's folders beside a target: ``.<name>.partial-<pid>-<hex>`` while a run is written (``open``) and
+#: ``.<name>.old-<pid>-<hex>`` for the replaced run during a swap (``_install``).
+STALE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,9 +53,43 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except (OverflowError, ValueError):
+        return False  # no such process can exist
+    except OSError:
+        return True  # it exists, but is not ours
     return True
+
+
+def tidy_stale(parent: str | os.PathLike, name: str | None = None, log: Any = None) -> list[str]:
+    """Tidy what killed writers left in ``parent`` (for target ``name`` only, or for every target): remove their
+    partial folders, and put a backup left by a killed swap back when its run is missing. Folders of live
+    processes and anything else are left alone. Returns the folder names it removed or restored."""
+    done: list[str] = []
+    try:
+        entries = sorted(Path(parent).iterdir())
+    except OSError:
+        return done
+    for entry in entries:
+        m = STALE_FOLDER.match(entry.name)
+        if not m or (name is not None and m.group("name") != name) or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            target = entry.parent / m.group("name")
+            if m.group("kind") == "old" and not target.exists() and not target.is_symlink():
+                os.rename(entry, target)
+                what = f"restored {entry.name} as {target.name}: a backup left by a killed process while it replaced the run"
+            else:
+                shutil.rmtree(entry)
+                what = f"removed {entry.name}: a partial run left by a process that no longer runs"
+            done.append(entry.name)
+            if log is not None:
+                log(what)
+        except OSError as exc:
+            if log is not None:
+                log(f"could not tidy {entry.name}: {exc.strerror or type(exc).__name__}")
+    return done
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -144,23 +182,11 @@ class RunWriter:
         for d in reversed(missing):
             d.mkdir()
             self._created_dirs.append(d)
-        self._recover_stale(parent)
+        tidy_stale(parent, self.target.name)
         prefix = f".{self.target.name}.partial-{os.getpid()}-"
         self.tmp = parent / (prefix + secrets.token_hex(4))
         self.tmp.mkdir()
         return self.tmp
-
-    def _recover_stale(self, parent: Path) -> None:
-        """Tidy what a killed writer for the same target left: remove partial folders, restore backups."""
-        pattern = re.compile(rf"^\.{re.escape(self.target.name)}\.(partial|old)-(\d+)-[0-9a-f]+$")
-        for entry in parent.iterdir():
-            m = pattern.match(entry.name)
-            if not m or _pid_alive(int(m.group(2))) or not entry.is_dir() or entry.is_symlink():
-                continue
-            if m.group(1) == "old" and not self.target.exists():
-                os.rename(entry, self.target)  # a killed swap: put the old run back
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove the temporary folder and any parent folders this writer created; the target is untouched."""
@@ -284,7 +310,7 @@ class RunWriter:
             self.write_bytes(contract.PCA_FILE, _json_bytes(contract.PCA_FILE, latent_pca), kind=contract.KIND_JSON)
             meta = dict(metadata)
             meta.setdefault("schema_version", contract.SCHEMA_VERSION)
-            meta.setdefault("generator", dict(GENERATOR))
+            meta.setdefault("generator", contract.generator())
             meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
             meta["files"] = {k: self._files[k] for k in sorted(self._files)}
             (tmp / contract.METADATA_FILE).write_bytes(_json_bytes(contract.METADATA_FILE, meta))

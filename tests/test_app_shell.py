@@ -1,8 +1,13 @@
 """The dashboard shell and views in-process (no browser): loading, the banner, one state for all views, serve CLI."""
 from __future__ import annotations
 
+import concurrent.futures
+import gc
+import hashlib
 import json
 import shutil
+import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ from app.shell import Dashboard
 from app.state import State
 from app.store import Store
 from app.views.common import rgba
+from export import reader
 from tests.synthetic import write_synthetic_run
 
 
@@ -286,3 +292,150 @@ def test_per_head_non_square_run_in_the_views(runs, tmp_path):
     dash.tabs.active = 0  # the hidden timeline catches up when shown
     assert not dash.timeline.final_pane.visible and (fig.frame_width, fig.frame_height) == (400, 400)
     np.testing.assert_array_equal(view.heat_source.data["raw"][0], dash.store.run.run.cross(1, 2)[3])
+
+
+# --------------------------------------------------------------------------- loading off the server's loop
+
+
+def replace_file(run, rel: str, data: bytes) -> None:
+    """Write ``rel`` and keep its manifest entry true (bytes, sha256): only the content is wrong."""
+    (run / rel).write_bytes(data)
+    meta = json.loads((run / "metadata.json").read_text())
+    meta["files"][rel].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (run / "metadata.json").write_text(json.dumps(meta))
+
+
+def junk_manifest(run, entries: int) -> None:
+    """``entries`` manifest entries that break the schema twice each."""
+    meta = json.loads((run / "metadata.json").read_text())
+    meta["files"].update({f"junk/f{i:06d}.bin": {"bytes": 1, "sha256": "x", "kind": "nope"} for i in range(entries)})
+    (run / "metadata.json").write_text(json.dumps(meta))
+
+
+class Deferred:
+    """A runner like ``background_runner``'s: the work runs in a worker thread, and the result waits until the
+    test plays the session's loop (``apply``)."""
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.pending: list = []
+
+    def __call__(self, work, done) -> None:
+        self.pending.append((self.pool.submit(work), done))
+
+    def apply(self, count: int | None = None) -> None:
+        for _ in range(len(self.pending) if count is None else count):
+            future, done = self.pending.pop(0)
+            done(future.result(timeout=60))
+
+
+def test_no_server_session_means_inline_loading():
+    assert shell.background_runner() is None  # tests, scripts (and the Pyodide worker) open runs inline
+
+
+def test_a_deferred_load_keeps_the_run_shown_until_it_is_done(runs):
+    runner = Deferred()
+    dash = Dashboard(state=State(dataset=str(runs["a"])), store=Store(cache_mb=8), sync_url=False, runner=runner)
+    dash.main()
+    assert dash.store.run is None and dash.loading.visible and "Loading run" in dash.loading.object
+    runner.apply()
+    assert dash.store.run.label == str(runs["a"]) and not dash.loading.visible and not dash.banner.visible
+    assert dash.timeline.image_source.data["step"] == [0]
+
+    dash.state.step = 5
+    dash.state.dataset = str(runs["b"])
+    assert dash.store.run.label == str(runs["a"]) and dash.loading.visible  # still shown while B opens
+    dash.state.step = 4  # and still usable
+    assert dash.timeline.image_source.data["step"] == [4]
+    runner.apply()
+    assert dash.store.run.label == str(runs["b"]) and dash.state.step == 2  # clamped to B's 3 steps
+    assert dash.timeline.image_source.data["step"] == [2] and dash.timeline.slider.end == 2
+
+    dash.state.dataset = str(runs["bad"])
+    runner.apply()
+    assert dash.banner.visible and "schema_version 7 is not known" in dash.banner.object
+    assert dash.state.dataset == str(runs["b"]) and dash.store.run.label == str(runs["b"]) and not dash.loading.visible
+
+
+def test_the_latest_request_wins_and_older_results_are_dropped(runs):
+    runner = Deferred()
+    dash = Dashboard(state=State(dataset=str(runs["a"])), store=Store(cache_mb=8), sync_url=False, runner=runner)
+    dash.main()
+    dash.state.dataset = str(runs["bad"])  # asked for while A is still opening: it waits
+    assert len(runner.pending) == 1
+    runner.apply()  # nothing shown yet: A is applied all the same, then the waiting request starts
+    assert dash.store.run.label == str(runs["a"]) and len(runner.pending) == 1
+    runner.apply()
+    assert "schema_version 7" in dash.banner.object and dash.state.dataset == str(runs["a"])
+
+    dash.state.dataset = str(runs["b"])
+    dash.state.dataset = str(runs["bad"])  # replaces B before B is done
+    dash.state.dataset = str(runs["a"])  # and back to the run shown: nothing left to open
+    runner.apply()  # B's result is dropped
+    assert dash.store.run.label == str(runs["a"]) and not runner.pending and not dash.loading.visible
+    assert dash.state.dataset == str(runs["a"])
+
+    dash.submit(str(runs["b"]))
+    dash.submit(str(runs["b"]))  # Load pressed twice: one result serves both
+    runner.apply()
+    assert dash.store.run.label == str(runs["b"]) and not runner.pending
+
+    dash.state.compare = str(runs["a"])  # the comparison run loads the same way, on its own
+    assert dash.store.other is None
+    runner.apply()
+    assert dash.store.other.label == str(runs["a"]) and dash.store.comparison is not None
+
+
+def test_a_failed_open_keeps_nothing_of_the_half_opened_run(runs, tmp_path):
+    bad = tmp_path / "errors"
+    shutil.copytree(runs["a"], bad)
+    junk_manifest(bad, 20_000)
+    opened = []
+
+    def opener(source, cache_mb):
+        run = reader.open_run(source, cache_mb=cache_mb)
+        opened.append(weakref.ref(run))
+        return run
+
+    dash = Dashboard(state=State(dataset=str(runs["a"])), store=Store(cache_mb=8, opener=opener), sync_url=False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        data, message = dash._open(str(bad))
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data is None and "metadata.json fails validation" in message and "more schema errors" in message
+    assert opened[-1]() is None, "the half-opened run is still referenced"
+    print(f"traced memory: {before / 2**20:.1f} MiB before, peak {peak / 2**20:.1f}, after {after / 2**20:.1f}")
+    assert peak - before > 8 * 2**20 and after - before < 2**20
+
+
+@pytest.mark.parametrize("case", ["overflow", "nan_map", "latents_not_zip", "broken_later_step"])
+def test_every_broken_run_shows_the_banner(case, runs, tmp_path):
+    run = tmp_path / case
+    shutil.copytree(runs["a"], run)
+    if case == "overflow":  # at open
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["latent_norm"][1] = "@BIG@"
+        replace_file(run, "metrics.json", json.dumps(metrics).replace('"@BIG@"', "1e999").encode())
+        dash = make(str(runs["a"]))
+        dash.submit(str(run))
+        assert "metrics.json" in dash.banner.object and "overflows" in dash.banner.object.lower()
+        assert dash.store.run.label == str(runs["a"])
+        return
+    if case == "latents_not_zip":  # read by the comparison
+        replace_file(run, "latents_noise_fp16.npz", bytes(range(256)) * 16)
+        dash = make(str(runs["a"]), compare=str(run))
+        dash.tabs.active = 3
+        assert dash.banner.visible and "latents_noise_fp16.npz" in dash.banner.object
+        return
+    rel = "attention/cross/layer_1_step_000.bin" if case == "nan_map" else "attention/cross/layer_1_step_004.bin"
+    size = (run / rel).stat().st_size
+    replace_file(run, rel, bytes.fromhex("007e") * (size // 2) if case == "nan_map" else (run / rel).read_bytes()[: size // 2])
+    dash = make(str(runs["a"]))
+    dash.submit(str(run))
+    assert dash.store.run.label == str(run) and not dash.banner.visible  # maps are read when shown
+    dash.tabs.active = 1  # step 0 shown; a later step's map is read while its frame is filled
+    assert dash.banner.visible and rel in dash.banner.object, dash.banner.object

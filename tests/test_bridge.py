@@ -43,14 +43,14 @@ class Client:
     def __init__(self, base: str):
         self.base = base
 
-    def call(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None):
+    def call(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None, timeout: float = 30):
         """(status, headers, decoded JSON or bytes)."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         hdrs = {"Content-Type": "application/json"} if data is not None else {}
         hdrs.update(headers or {})
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, h, payload = resp.status, resp.headers, resp.read()
         except urllib.error.HTTPError as exc:
             status, h, payload = exc.code, exc.headers, exc.read()
@@ -462,6 +462,186 @@ def test_model_paths_need_the_allow_list(client: Client, datasets: Path, tmp_pat
         allowed.jobs.stop()
 
 
+# --------------------------------------------------------------------------- hostile requests and runs (issue 14)
+
+
+def _jobs_count(client: Client) -> int:
+    status, _h, answer = client.call("GET", "/jobs", timeout=5)
+    assert status == 200, answer
+    return len(answer["jobs"])
+
+
+def test_a_fifo_in_a_run_freezes_no_client(client: Client, datasets: Path) -> None:
+    run = write_synthetic_run(datasets / "fifo-run", prompt="fifo")
+    (run / "validation.json").unlink()
+    os.mkfifo(run / "validation.json")   # opened the old way, this read would wait for a writer forever
+    os.mkfifo(run / "images" / "trap.png")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = pool.submit(client.call, "GET", "/runs", timeout=5)
+        info = pool.submit(client.call, "GET", "/", timeout=5)
+        status, _h, listing = runs.result()
+        assert info.result()[0] == 200
+    assert status == 200
+    fifo = next(r for r in listing["runs"] if r["name"] == "fifo-run")
+    assert fifo["prompt"] == "fifo" and fifo["valid"] is None
+    for rel in ("validation.json", "images/trap.png"):
+        status, _h, answer = client.call("GET", f"/runs/fifo-run/{rel}", timeout=5)
+        assert status == 404 and "not a regular file" in answer["error"], answer
+    assert client.call("GET", "/runs/fifo-run/", timeout=5)[2]["valid"] is None
+
+
+def test_a_metadata_json_linked_out_of_its_run_is_neither_listed_nor_served(client: Client, datasets: Path,
+                                                                             tmp_path: Path) -> None:
+    secret = write_synthetic_run(tmp_path / "outside" / "secret-run", prompt="the secret prompt")
+    sibling = write_synthetic_run(datasets / "meta-source", prompt="a sibling's prompt")
+    for name, target in (("meta-out", secret), ("meta-sibling", sibling)):  # out of datasets; out of the run
+        (datasets / name / "images").mkdir(parents=True)
+        (datasets / name / "metadata.json").symlink_to(target / "metadata.json")
+        shutil.copy(target / "images" / "step_000.png", datasets / name / "images" / "step_000.png")
+    status, _h, listing = client.call("GET", "/runs")
+    names = [r["name"] for r in listing["runs"]]
+    assert status == 200 and "meta-source" in names
+    assert "meta-out" not in names and "meta-sibling" not in names
+    others = json.dumps([r for r in listing["runs"] if r["name"] != "meta-source"])
+    assert "the secret prompt" not in others and "a sibling's prompt" not in others
+    for name in ("meta-out", "meta-sibling"):
+        for path in (f"/runs/{name}/", f"/runs/{name}/metadata.json", f"/runs/{name}/images/step_000.png"):
+            status, body = client.raw_get(path)
+            assert status == 404 and b"secret" not in body and b"prompt" not in body, (path, body)
+
+
+def test_the_cost_of_a_job_is_checked_before_it_is_queued(server: BridgeServer, client: Client, datasets: Path) -> None:
+    from capture import run
+    from capture.bridge.policy import job_cost
+    from capture.config import GenerateConfig
+
+    big = {"prompt": "a red circle", "height": 512, "width": 512, "self_attention_resolution": 256,
+           "max_layers": 1, "device": "cpu"}
+    before, jobs = sorted(p.name for p in datasets.iterdir()), _jobs_count(client)
+    status, _h, answer = client.call("POST", "/jobs", {**big, "name": "too-big"})
+    assert status == 400, answer
+    assert answer["field"] in ("height", "width", "self_attention_resolution"), answer
+    assert answer["field"].split("_")[0] in answer["error"] and "GB" in answer["error"]
+    assert "--max-job-gb" in answer["error"] and "cap of 2 GB" in answer["error"]
+    assert _jobs_count(client) == jobs and sorted(p.name for p in datasets.iterdir()) == before
+    # the estimate itself: the one recorded layer (up_blocks.0, 64x64 native, 8 heads) keeps its self keys,
+    # so the recorder holds scores and softmax of [8, 4096, 4096] float32, and writes 30 maps of 4096^2 halfs
+    config, prepared = run.check(GenerateConfig(**big), size_warning=False)
+    cost = job_cost(prepared, config)
+    assert cost.peak_bytes >= 2 * 8 * 4096 ** 2 * 4 and cost.map_bytes >= 30 * 4096 ** 2 * 2
+    assert cost.total > 2e9 and cost.limiting[0] == answer["field"]
+    # the default request is accepted, well within the cap; a bridge with a larger cap takes the big one
+    default = server.bridge.make_job({"prompt": "a red circle"})
+    assert default.cost is not None and default.cost.total < 0.1e9 and default.prepared is not None
+    roomy = Bridge(datasets, show_progress=False, log=lambda m: None, max_job_gb=20)
+    try:
+        assert roomy.make_job({**big, "name": "fits-here"}).cost.total == cost.total
+    finally:
+        roomy.jobs.stop()
+
+
+def test_the_job_runs_on_the_checked_plan_and_still_warns(client: Client, monkeypatch) -> None:
+    """The Prepared of the request's checks goes into the job: the model's configs are peeked once."""
+    from capture import pipeline as pipeline_mod
+
+    peeks = []
+    original = pipeline_mod.peek_model
+    monkeypatch.setattr(pipeline_mod, "peek_model", lambda model: peeks.append(model) or original(model))
+    job = client.submit(prompt="a red circle", num_steps=2, name="planned-once", max_dataset_mb=0.001)
+    final = client.wait(job["id"])
+    assert final["state"] == "done", final
+    assert len(peeks) == 1, peeks
+    # the plan's size warning (which the silent request check did not give) is the job's, as from generate
+    assert any("projected" in w and "max-dataset-mb" in w for w in final["warnings"]), final["warnings"]
+
+
+SURROGATE_BODIES = [
+    ({"prompt": "x", "negative_prompt": "bad \ud800 text"}, "negative_prompt"),
+    ({"prompt": "a \udfff"}, "prompt"),
+    ({"prompt": "x", "model": "/tmp/\ud800"}, "model"),
+    ({"prompt": "x", "name": "run\udc80"}, "name"),
+    ({"prompt": "x", "layers": ["down_blocks.*", "\ud83d"]}, "layers"),
+    ({"prompt": "x", "device": "cpu\x00"}, "device"),
+    ({"prompt": "x", "\ud800": 1}, "body"),
+]
+
+
+def test_lone_surrogates_get_400_and_nothing_is_queued(client: Client, datasets: Path) -> None:
+    before, jobs = sorted(p.name for p in datasets.iterdir()), _jobs_count(client)
+    for body, field in SURROGATE_BODIES:
+        status, _h, answer = client.call("POST", "/jobs", raw=json.dumps(body).encode())  # \\ud800 escapes
+        assert status == 400 and answer["field"] == field, (body, answer)
+        assert _jobs_count(client) == jobs  # GET /jobs answers 200, and nothing was added
+    assert sorted(p.name for p in datasets.iterdir()) == before
+    # a job that cannot be described in full is still listed
+    broken = bridge_mod.Job(id="x", name="x", config=object())
+    assert broken.snapshot()["id"] == "x" and broken.snapshot()["snapshot_error"] == "AttributeError"
+
+
+def test_bodies_too_deep_or_with_numbers_out_of_range_get_400(client: Client) -> None:
+    jobs = _jobs_count(client)
+    status, _h, answer = client.call("POST", "/jobs", raw=b"[" * 20000 + b"]" * 20000)
+    assert status == 400 and answer["field"] == "body" and "nested deeper" in answer["error"], answer
+    deep = b'{"prompt": "x", "layers": ' + b"[" * 100 + b"]" * 100 + b"}"
+    assert client.call("POST", "/jobs", raw=deep)[2]["field"] == "body"
+    status, _h, answer = client.call("POST", "/jobs", raw=b'{"prompt": "x", "cfg_scale": 1' + b"0" * 399 + b"}")
+    assert status == 400 and answer["field"] == "cfg_scale" and "400-digit" in answer["error"], answer
+    status, _h, answer = client.call("POST", "/jobs", raw=b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}")
+    assert status == 400 and answer["field"] == "seed", answer
+    status, _h, answer = client.call("POST", "/jobs", raw=b'{"prompt": "x", "cfg_scale": 1e999}')
+    assert status == 400 and "overflows" in answer["error"], answer
+    assert _jobs_count(client) == jobs
+
+
+def test_long_paths_get_4xx_without_an_absolute_path(client: Client, datasets: Path) -> None:
+    write_synthetic_run(datasets / "paths-run", prompt="paths")
+    root = str(datasets.resolve()).encode()
+    for path in ("/runs/paths-run/" + "a/" * 3000 + "x.bin", "/runs/paths-run/" + "b" * 300 + ".bin",
+                 "/runs/" + "c" * 3000 + "/metadata.json", "/runs/" + "d" * 3000 + "/", "/nope/" + "e/" * 3000):
+        status, body = client.raw_get(path)
+        assert 400 <= status < 500, (path[:40], status, body[:200])
+        assert root not in body and len(body) < 2000, body[:200]
+
+
+def test_an_unexpected_error_is_a_500_without_paths(server: BridgeServer, client: Client, datasets: Path,
+                                                    monkeypatch) -> None:
+    def broken() -> list:
+        raise OSError(f"cannot read {datasets.resolve()}/secret")
+
+    monkeypatch.setattr(server.bridge, "runs", broken)
+    status, _h, answer = client.call("GET", "/runs")
+    assert status == 500 and answer["status"] == 500 and "OSError" in answer["error"]
+    assert str(datasets.resolve()) not in answer["error"] and "secret" not in answer["error"]
+
+
+def test_stale_partial_folders_are_removed_at_start_up(tmp_path: Path, capsys) -> None:
+    ds = tmp_path / "ds"
+    keep = write_synthetic_run(ds / "keep", prompt="keep me")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale = [ds / f".keep.partial-{dead.pid}-0123abcd", ds / f".run-20260101-000000-ab12.partial-{dead.pid}-00ff00ff"]
+    for folder in stale:
+        (folder / "attention").mkdir(parents=True)
+        (folder / "metadata.json").write_text("{}")
+    backup = ds / f".gone.old-{dead.pid}-0badf00d"   # a swap killed between its two renames
+    shutil.copytree(keep, backup)
+    alive = ds / f".busy.partial-{os.getpid()}-feedface"   # a live writer's (this process)
+    other = ds / ".keep.partial-not-a-writer"
+    alive.mkdir()
+    other.mkdir()
+    bridge = Bridge(ds, show_progress=False)   # the default log: stderr
+    bridge.jobs.stop()
+    assert not any(folder.exists() for folder in stale)
+    assert alive.is_dir() and other.is_dir() and not backup.exists()
+    assert validate.validate_run(keep, strict=True) == []
+    assert json.loads((ds / "gone" / "metadata.json").read_text())["run"]["prompt"] == "keep me"
+    err = capsys.readouterr().err
+    assert all(f"removed {folder.name}" in err for folder in stale) and f"restored {backup.name}" in err, err
+    assert sorted(bridge.tidied) == sorted([backup.name, *(f.name for f in stale)])
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -474,6 +654,8 @@ def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsy
         (["--datasets", str(a_file)], "--datasets"),
         (["--allow-origin", "ftp://x"], "--allow-origin"),
         (["--allow-model", str(tmp_path / "missing" / "model")], "--allow-model"),
+        (["--max-job-gb", "0"], "--max-job-gb"),
+        (["--max-job-gb", "nan"], "--max-job-gb"),
         (["--bogus"], "--bogus"),
     ):
         assert bridge_mod.main(argv) == 2, argv

@@ -27,6 +27,7 @@ from tests.loopback import serving
 from packaging.requirements import Requirement
 
 import app.site as site
+from diffviz import __version__ as VERSION
 from export.reader import URLSource, open_run
 from tests.synthetic import write_synthetic_run
 
@@ -86,10 +87,10 @@ def test_build_writes_the_site(built: Path, runs: Path) -> None:
 
 def test_resources_zip_holds_only_our_browser_wheel(built: Path) -> None:
     name, wheel = inner_wheel(built)
-    assert name == "packed_wheels/diffviz-0.1.0-py3-none-any.whl"
+    assert name == f"packed_wheels/diffviz-{VERSION}-py3-none-any.whl"
     files = set(wheel.namelist())
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"app", "analysis", "export", "diffviz.py", "diffviz-0.1.0.dist-info"}
+    assert tops == {"app", "analysis", "export", "diffviz.py", f"diffviz-{VERSION}.dist-info"}
     assert not any(f.startswith("capture/") for f in files)
     # every module of the three packages is there, byte for byte as in the checkout
     for package in ("app", "analysis", "export"):
@@ -97,7 +98,7 @@ def test_resources_zip_holds_only_our_browser_wheel(built: Path) -> None:
             rel = path.relative_to(ROOT).as_posix()
             assert wheel.read(rel) == path.read_bytes(), rel
     assert wheel.read("export/schema.json") == (ROOT / "export" / "schema.json").read_bytes()
-    meta = wheel.read("diffviz-0.1.0.dist-info/METADATA").decode()
+    meta = wheel.read(f"diffviz-{VERSION}.dist-info/METADATA").decode()
     assert "Requires-Dist: torch" in meta and "extra == \"capture\"" in meta  # only behind the extra
     base = [r for r in re.findall(r"(?m)^Requires-Dist: (.+)$", meta) if "extra ==" not in r]
     assert not any(Requirement(r).name in {"torch", "diffusers", "transformers"} for r in base)
@@ -119,7 +120,7 @@ def test_worker_installs_exactly_the_expected_requirements(built: Path) -> None:
         else:
             ours.append(str(req))
     expected = [convert.BOKEH_CDN_WHL, convert.PANEL_CDN_WHL, "pyodide-http",
-                "emfs:packed_wheels/diffviz-0.1.0-py3-none-any.whl", *ours]
+                f"emfs:packed_wheels/diffviz-{VERSION}-py3-none-any.whl", *ours]
     assert requirements == expected
     assert "holoviews==" + metadata.version("holoviews") in requirements
     # Pyodide from the CDN Panel targets, loaded once, by the worker
@@ -309,9 +310,9 @@ def test_worker_template_refuses_an_unknown_panel_template() -> None:
     ({"app/z.py": "from .capture import x\n"}, None),  # app.capture is ours, not the capture package
 ])
 def test_verify_wheel_refuses_torch_and_capture(files: dict[str, str], expect: str | None, tmp_path: Path) -> None:
-    wheel = tmp_path / "diffviz-0.1.0-py3-none-any.whl"
+    wheel = tmp_path / f"diffviz-{VERSION}-py3-none-any.whl"
     base = {"app/__init__.py": "", "app/main.py": "import panel\n", "analysis/__init__.py": "", "export/__init__.py": "",
-            "diffviz-0.1.0.dist-info/METADATA": "Name: diffviz\nRequires-Dist: numpy>=1.24\n"}
+            f"diffviz-{VERSION}.dist-info/METADATA": "Name: diffviz\nRequires-Dist: numpy>=1.24\n"}
     with zipfile.ZipFile(wheel, "w") as zf:
         for name, text in {**base, **files}.items():
             zf.writestr(name, text)

@@ -239,7 +239,7 @@ CORRUPTIONS = {
     missing_file: "listed in the manifest but missing",
     wrong_shape_in_manifest: "needs 720",
     image_wrong_size: "decodes to 8x8 but the manifest says 16x16",
-    image_garbage: "does not decode as an image (UnidentifiedImageError)",
+    image_garbage: "does not decode as an image (no PNG signature and IHDR chunk)",
     metrics_wrong_length: "latent_norm has 2 values, expected 3",
     pca_wrong_length: "coords has 4 points, expected 3",
     latents_nan: "noise has non-finite values",

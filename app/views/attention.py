@@ -24,9 +24,9 @@ from bokeh.events import Tap
 from bokeh.models import BasicTickFormatter, ColorBar, ColumnDataSource, LinearColorMapper, Span
 
 from app.state import ALL_LAYERS, MEAN_HEAD
-from app.store import query_cell, resize
-from app.views.common import (ACCENT, PALETTES, View, bar_figure, curve_figure, guarded, held, image_figure, later, rgba, rgba_source,
-                              set_image_extent)
+from app.store import one_line, query_cell, resize
+from app.views.common import (ACCENT, PALETTES, View, bar_figure, curve_figure, guarded, held, image_figure, later, reported, rgba,
+                              rgba_source, set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
 
 #: Longest side of the upsampled heat map sent for display.
@@ -139,6 +139,7 @@ class AttentionView(View):
         state.param.watch(self._on_probe, ["probe_x", "probe_y"])
         state.param.watch(self._on_opacity, "opacity")
         state.param.watch(self._on_cmap, "cmap")
+        self.store.param.watch(self._on_run_controls, "run")
         self.store.param.watch(self._on_run, "run")
         self._on_run()
 
@@ -187,12 +188,24 @@ class AttentionView(View):
         if self.data is not None:
             self._fill_frames()
 
+    @reported
+    def _on_run_controls(self, *_: Any) -> None:
+        """The controls follow a new run even while the tab is hidden (the figures catch up when shown)."""
+        if self.data is not None and not self.active:
+            self._sync_controls()
+
     @guarded
     def _on_run(self, *_: Any) -> None:
         data = self.data
         if data is None:
             return
-        state = self.state
+        self._sync_controls()
+        for fig in (self.overlay, self.probe_fig):
+            set_image_extent(fig, data.height, data.width)
+        self._update_all()
+
+    def _sync_controls(self) -> None:
+        data, state = self.data, self.state
         groups = data.layer_groups()
         if state.layer not in data.layer_values():
             state.layer = "mean"
@@ -207,9 +220,6 @@ class AttentionView(View):
         if tuple(state.step_range) != (first, last):
             state.step_range = (first, last)
         self.range.disabled = not state.aggregate
-        for fig in (self.overlay, self.probe_fig):
-            set_image_extent(fig, data.height, data.width)
-        self._update_all()
 
     def _sync_token_widget(self) -> None:
         data, state = self.data, self.state
@@ -378,9 +388,10 @@ class AttentionView(View):
                 raw, low, high, _title = self._heat(step)
                 heat = _heat_data(raw, data.height, data.width, step)
                 self.heat_frames.put(step, {"image": heat["image"][0], "raw": heat["raw"][0]}, low, high)
-        except Exception:  # noqa: BLE001 - reported when that step is shown
+        except Exception as exc:  # noqa: BLE001 - a broken file shows in the banner now, not only when its step is shown
             self.image_frames.skip(step)
             self.heat_frames.skip(step)
+            self.report(one_line(exc))
 
     def _self_max(self, layer: str, step: int) -> float:
         data = self.data

@@ -17,6 +17,7 @@ from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, CustomJSTickFormatter, HoverTool, Span
 from panel.io.document import hold
 
+from app.store import one_line
 from app.views.common import (ACCENT, View, curve_figure, guarded, held, image_figure, later, reported, rgba, rgba_data, rgba_source,
                               set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
@@ -64,7 +65,9 @@ class TimelineView(View):
         self.final_source = rgba_source("timeline-final")
         self.final_fig = image_figure("timeline-final-figure", "final image (pipeline output)", px=240, tools="")
         self.final_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.final_source)
-        self.final_pane = pn.pane.Bokeh(self.final_fig, visible=False)
+        # shown and hidden through a layout: toggling a rendered ``pn.pane.Bokeh``'s own ``visible`` fails in
+        # Panel 1.9 (it copies the figure's stylesheet objects into a list of strings: TypeError)
+        self.final_pane = pn.Column(pn.pane.Bokeh(self.final_fig), visible=False, margin=0)
 
         # curves, with the current step marked
         self.curve_source = ColumnDataSource(name="timeline-curves", data={"step": [], "norm": [], "cosine": [], "t": []})
@@ -176,8 +179,9 @@ class TimelineView(View):
     def _fill_frame(self, step: int) -> None:
         try:
             self.frames.put(step, {"image": rgba(self.data.image(step))})
-        except Exception:  # noqa: BLE001 - reported when that step is shown
+        except Exception as exc:  # noqa: BLE001 - a broken file shows in the banner now, not only when its step is shown
             self.frames.skip(step)
+            self.report(one_line(exc))
 
     def _on_tap(self, event: Any) -> None:
         data = self.data
@@ -218,5 +222,6 @@ class TimelineView(View):
     def _prefetch(self, data: Any, step: int, layer: str, kind: str, head: str) -> None:
         try:
             data.prefetch(step, layer, kind, data.fit_head(head))
-        except Exception:  # noqa: BLE001 - a bad file is reported when that step is shown
-            pass
+        except Exception as exc:  # noqa: BLE001 - shown in the banner (if that run is still the one shown)
+            if data is self.data:
+                self.report(one_line(exc))

@@ -362,3 +362,17 @@ def bokeh() -> type[BokehPage]:
 
 def dump_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+
+# For a module whose ``runs`` fixture gives {"a": the run to open first, "root": the folder of all its runs}.
+@pytest.fixture(scope="module")
+def server(panel_server, runs):
+    """``panel serve`` on run A, with a small cache (16 MB) so eviction is exercised."""
+    return panel_server(env={"DIFFVIZ_DATASET": str(runs["a"]), "DIFFVIZ_CACHE_MB": "16"})
+
+
+@pytest.fixture(scope="module")
+def files(static_server, runs) -> str:
+    """The URL of a static server over ``runs["root"]``."""
+    return static_server(runs["root"])
+

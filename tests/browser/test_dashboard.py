@@ -94,16 +94,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(panel_server, runs):
-    return panel_server(env={"DIFFVIZ_DATASET": str(runs["a"]), "DIFFVIZ_CACHE_MB": "16"})
-
-
-@pytest.fixture(scope="module")
-def files(static_server, runs) -> str:
-    return static_server(runs["root"])
-
-
 @contextlib.contextmanager
 def dashboard(browser, bokeh, url: str):
     """A page on the dashboard at ``url``, in a context of its own, once its first frame is drawn."""

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 import pytest
 
 import app.site as site
+from diffviz import __version__ as VERSION
 from tests.synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +175,7 @@ def test_self_hosted_pyodide_boots_installs_our_wheel_and_names_what_fails(
         assert f"{base}/vendor/pyodide/{name}" in requests, name
     assert f"{base}/app.resources.zip" in requests
     assert "Loaded pyodide!" in console
-    assert "diffviz: installed diffviz-0.1.0-py3-none-any.whl" in console
+    assert f"diffviz: installed diffviz-{VERSION}-py3-none-any.whl" in console
     assert blocked == [], "with --self-hosted nothing may be fetched from anywhere else"
 
     match = re.fullmatch(r"Failed to install (.+?): (.+)", text)
