@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import shutil
 import stat
 import struct

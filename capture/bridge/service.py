@@ -10,9 +10,7 @@ import contextlib
 import datetime as _dt
 import mimetypes
 import os
-import re
 import secrets
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
