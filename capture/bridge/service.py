@@ -24,6 +24,8 @@ from export import bounded, contract, writer
 from export.contract import shown
 
 DEFAULT_DATASETS = "datasets"
+
+
 class Bridge:
     """What the HTTP handlers act on: the datasets folder, the allow-lists and the job queue."""
 
@@ -77,7 +79,7 @@ class Bridge:
         settings["output_dir"] = str(self.root / name)
         try:
             # run.check: what generate checks before loading weights, so a bad request gets its 400 at once.
-            # Silent (size_warning=False): the job warns on its own thread (see jobs._plan_warnings).
+            # Silent (size_warning=False): the job warns on its own thread (run.plan_warnings in jobs.py).
             config, prepared = run.check(GenerateConfig.from_mapping(settings), size_warning=False)
             target = self.root / name
             if target.is_symlink() or (target.exists() and not target.is_dir()):
