@@ -56,7 +56,7 @@ $(SELFHOST_WHEELS)/.done: $(PYODIDE_CORE) | $(VENV)/.installed
 test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv chromium
+bench: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 	@echo "== tests/bench/bench_capture.py --sdxl"; $(PY) tests/bench/bench_capture.py --sdxl
 
@@ -70,7 +70,8 @@ datasets: venv
 	$(VENV)/bin/diffviz validate datasets/default --strict
 	$(VENV)/bin/diffviz validate datasets/compare --strict
 
-site: venv
+# The npm Pyodide core lets build-site check the install plan against its lock and size the first visit.
+site: venv $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	$(VENV)/bin/diffviz build-site --out site
 
 clean:

@@ -15,10 +15,11 @@ __version__ = "0.1.0"
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("capture.cli", "record a diffusion run into a dataset folder (needs the [capture] extra)"),
     "validate": ("export.validate", "check a dataset folder against the contract"),
+    "export-figure": ("export.figure", "write a run's word grid (DAAM maps over the image) as a PNG for a paper"),
     "eval-attention": ("capture.toyworld.evaluate", "score attention maps against the toy world's ground truth"),
     "train-toyworld": ("capture.toyworld.train", "train the embedded toy-world model"),
     "serve": ("app.serve", "serve the dashboard with panel serve"),
-    "build-site": ("app.site", "build the static Pyodide site"),
+    "build-site": ("app.sitebuild.cli", "build the static Pyodide site"),
     "bridge": ("capture.bridge", "run the local generator bridge for the dashboard"),
 }
 

@@ -32,9 +32,10 @@ import panel as pn
 import param
 from panel.io.document import hold
 from panel.io.state import set_curdoc
+from panel.theme.fast import Fast
 
-from app.state import ALL_LAYERS, DEFAULT_DATASET, State
-from app.store import IN_BROWSER, UPLOAD_PREFIX, RunData, Store, one_line
+from app.state import DEFAULT_DATASET, State
+from app.store import IN_BROWSER, RunData, Store, one_line
 from app.views.attention import AttentionView
 from app.views.common import CSS, View
 from app.views.compare import CompareView
@@ -123,6 +124,17 @@ def _generator_panel_class() -> Any:
     return importlib.import_module("app.views.generator").GeneratorPanel
 
 
+def _fast_without_web_font() -> type:
+    """Panel's Fast design without its web-font stylesheet (Open Sans from a font host): the page, served or
+    static, requests nothing outside its own origin; text falls back to the system sans-serif. Panel finds a
+    design's files by its class name and module, so the subclass keeps both."""
+    resources = {key: value for key, value in Fast._resources.items() if key != "font"}
+    return type("Fast", (Fast,), {"_resources": resources, "__module__": Fast.__module__})
+
+
+LocalFast = _fast_without_web_font()
+
+
 class Dashboard(pn.viewable.Viewer):
     """The whole dashboard for one session."""
 
@@ -140,6 +152,10 @@ class Dashboard(pn.viewable.Viewer):
         self.loading = pn.pane.HTML("", visible=False, sizing_mode="stretch_width", css_classes=["dv-loading"],
                                     stylesheets=[CSS])
         self._runner = runner
+        self.tabs: pn.Tabs | None = None
+        #: the session's own run (before the page address), and a notice to show once it is open instead (_finish)
+        self._first_dataset = state.dataset
+        self._notice: str | None = None
         self._loaded: dict[str, str | None] = {"dataset": None, "compare": None}
         #: per slot: the text being opened now, and the latest request made meanwhile ``(text, force)``
         self._busy: dict[str, str | None] = {"dataset": None, "compare": None}
@@ -148,21 +164,25 @@ class Dashboard(pn.viewable.Viewer):
         # Loaders run before any view reacts to the same change (watchers fire in registration order).
         state.param.watch(self._on_dataset, "dataset")
         state.param.watch(self._on_compare, "compare")
-        self._load("dataset", state.dataset, initial=True)
-        if state.compare:
-            self._load("compare", state.compare, initial=True)
 
-        common = dict(state=state, store=store, report=self.show_error)
-        self.timeline = TimelineView(**common)
-        self.attention = AttentionView(**common)
-        self.trajectory = TrajectoryView(**common)
-        self.compare = CompareView(**common)
-        self.generator = self._make_generator()
+        #: the view whose failure the banner shows (None: a notice of the shell's own)
+        self._banner_view: str | None = None
+
+        def views_args(name: str) -> dict[str, Any]:
+            return dict(state=state, store=store, report=functools.partial(self.show_data_error, name),
+                        healthy=functools.partial(self._on_view_healthy, name))
+
+        self.timeline = TimelineView(**views_args("timeline"))
+        self.attention = AttentionView(**views_args("attention"))
+        self.trajectory = TrajectoryView(**views_args("trajectory"))
+        self.compare = CompareView(**views_args("compare"))
         # a step change draws the frames already in the browser at once (app.views.frames)
         args, code = step_js([(self.timeline.frames, self.timeline.image_source, None),
                               (self.attention.image_frames, self.attention.image_source, None),
                               (self.attention.heat_frames, self.attention.heat_source, self.attention.mapper)])
         self.timeline.slider.jscallback(args=args, value=code)
+        #: the first run of a session opens at its last step, unless the page address names a step
+        self._open_at_last = "step" not in self._query()
 
         # ---- the run loader (sidebar)
         self.source_box = pn.widgets.TextInput(label="Run (folder or URL)", value=state.dataset, placeholder="datasets/default or https://…/run/",
@@ -175,10 +195,14 @@ class Dashboard(pn.viewable.Viewer):
         self.folder.param.watch(self._on_folder, "value")
         self.run_info = pn.pane.HTML("", css_classes=["dv-runinfo"], sizing_mode="stretch_width", stylesheets=[CSS])
         store.param.watch(self._on_run_changed, "run")
-        self._on_run_changed()
 
         if sync_url:
             self.sync_url()
+        self._load("dataset", state.dataset)
+        if state.compare:
+            self._load("compare", state.compare)
+        self.generator = self._make_generator()  # after the loads: a successful load clears the banner
+        self._on_run_changed()
 
     # ---- layout ---------------------------------------------------------------------------------
 
@@ -196,9 +220,13 @@ class Dashboard(pn.viewable.Viewer):
         ]
 
     def main(self) -> list[Any]:
-        self.tabs = pn.Tabs(*self.sections(), dynamic=False, sizing_mode="stretch_width", name="views")
-        self.tabs.param.watch(self._on_tab, "active")
-        self._on_tab()
+        if self.tabs is None:  # built once per session
+            # Panel hides an inactive tab with visibility: hidden, so it still takes its height (a short tab then
+            # scrolls into blank space); display: none takes none, and Bokeh lays a tab out again when it is shown.
+            self.tabs = pn.Tabs(*self.sections(), dynamic=False, sizing_mode="stretch_width", name="views",
+                                stylesheets=["[aria-hidden='true'] { display: none !important; }"])
+            self.tabs.param.watch(self._on_tab, "active")
+            self._on_tab()
         return [self.banner, self.timeline.controls, self.tabs]
 
     def _on_tab(self, *_: Any) -> None:
@@ -216,7 +244,7 @@ class Dashboard(pn.viewable.Viewer):
         return pn.template.FastListTemplate(
             title="diffviz — inside a diffusion run", sidebar=self.sidebar(), main=self.main(),
             sidebar_width=300, accent_base_color="#4c72b0", header_background="#2f4b7c", theme_toggle=False,
-            main_layout=None, busy_indicator=None,
+            main_layout=None, busy_indicator=None, design=LocalFast,
         )
 
     # ---- URL sync --------------------------------------------------------------------------------
@@ -252,6 +280,8 @@ class Dashboard(pn.viewable.Viewer):
                 bad.append(f"{URL_PARAMS.get(name, name)}={value!r}")
         if bad:
             self.show_error(f"Ignored from the page address: {', '.join(bad)}")
+            # the address shows what is drawn, not the refused value
+            self.state.param.trigger(*[n for n in mapped if n in URL_PARAMS])
 
     # ---- loading ---------------------------------------------------------------------------------
 
@@ -282,13 +312,23 @@ class Dashboard(pn.viewable.Viewer):
     def _on_compare(self, event: Any) -> None:
         self._load("compare", event.new)
 
-    def _load(self, which: str, text: str, *, initial: bool = False, force: bool = False) -> None:
+    def _load(self, which: str, text: str, *, force: bool = False) -> None:
         if self._busy[which] is not None:
             self._queued[which] = (text, force)  # opened when the current load is done; the latest wins
             return
-        self._begin(which, text, force=force, initial=initial)
+        self._begin(which, text, force=force)
 
-    def _begin(self, which: str, text: str, *, force: bool, initial: bool) -> None:
+    @staticmethod
+    def _query() -> set[str]:
+        """The names in the page address's query: from the HTTP request under ``panel serve`` (the browser's
+        location reaches the session later), and from the location where it already has them."""
+        names = set(getattr(pn.state, "session_args", None) or {})
+        location = pn.state.location
+        if location is not None:
+            names |= set(getattr(location, "query_params", None) or {})
+        return names
+
+    def _begin(self, which: str, text: str, *, force: bool) -> None:
         if text == self._loaded[which] and not force:
             return
         if which == "compare" and not (text or "").strip():
@@ -300,7 +340,7 @@ class Dashboard(pn.viewable.Viewer):
         if runner is None:
             data, message = self._open(text)
             with hold():
-                self._finish(which, text, data, message, initial=initial)
+                self._finish(which, text, data, message)
             return
         self._busy[which] = text
         self._show_loading()
@@ -327,10 +367,10 @@ class Dashboard(pn.viewable.Viewer):
         del outcome
         # a newer request replaces this result, unless nothing is shown yet (it is better than nothing)
         if queued is None or (data is not None and self._loaded[which] is None):
-            self._finish(which, text, data, message, initial=False)
+            self._finish(which, text, data, message)
         del data
         if queued is not None:
-            self._begin(which, queued[0], force=queued[1], initial=False)
+            self._begin(which, queued[0], force=queued[1])
         self._show_loading()
 
     def _show_loading(self) -> None:
@@ -338,57 +378,63 @@ class Dashboard(pn.viewable.Viewer):
         text = " · ".join(f"Loading {'comparison run' if w == 'compare' else 'run'} {t!r} …" for w, t in busy)
         self.loading.param.update(object=f"<p class='dv-note'>{html.escape(text)}</p>" if busy else "", visible=bool(busy))
 
-    def _finish(self, which: str, text: str, data: RunData | None, message: str | None, *, initial: bool) -> None:
+    def _finish(self, which: str, text: str, data: RunData | None, message: str | None) -> None:
         if data is None:
             what = "comparison run" if which == "compare" else "run"
-            self.show_error(f"Could not load {what} {text!r}: {message}")
+            notice = f"Could not load {what} {text!r}: {message}"
+            self.show_error(notice)
             previous = self._loaded[which]
             if previous is not None and getattr(self.state, which) != previous:
                 setattr(self.state, which, previous)
             elif previous is None and which == "compare":
                 self._loaded["compare"] = ""
                 self.state.compare = ""
+            elif previous is None and text != self._first_dataset:
+                # the page address named a run that cannot be opened: show the session's own run, and keep saying why
+                self._notice = notice
+                self.state.dataset = self._first_dataset
             return
         self._loaded[which] = text
         self.clear_error()
+        if self._notice:
+            self.show_error(self._notice)
+            self._notice = None
         if which == "compare":
             self.store.set_other(data)
             return
-        self._fit_state(data)
+        # State.fit, silently, then the new run: every view redraws from both at once; the changed values are
+        # then announced so that the page address (and any widget mirroring them) shows what is drawn.
+        changed = self.state.fitted(data, last_step=self._open_at_last)
+        self._open_at_last = False
+        with param.parameterized.discard_events(self.state):
+            self.state.param.update(**changed)
         self.store.set_run(data)
-        if not initial:
-            # tell the views and the URL about values clamped to the new run
-            self.state.param.trigger("step", "layer", "head", "token")
-
-    def _fit_state(self, data: RunData) -> None:
-        """Bring step/layer/head/token inside the new run, silently (the views re-read everything on the new run)."""
-        state = self.state
-        updates: dict[str, Any] = {}
-        if not 0 <= state.step < data.n_steps:
-            updates["step"] = min(max(state.step, 0), data.n_steps - 1)
-        if state.layer not in data.layer_values():
-            updates["layer"] = ALL_LAYERS
-        head = data.fit_head(state.head)
-        if head != state.head:
-            updates["head"] = head
-        if state.token is None or not 0 <= state.token < len(data.tokens):
-            updates["token"] = data.default_token()
-        first, last = state.step_range
-        if not 0 <= first <= last < data.n_steps or (first, last) == (0, 0):
-            updates["step_range"] = (0, data.n_steps - 1)
-        if updates:
-            with param.parameterized.discard_events(state):
-                state.param.update(**updates)
+        if changed:
+            self.state.param.trigger(*changed)
 
     # ---- banner and run info ---------------------------------------------------------------------
 
     def show_error(self, message: str) -> None:
+        """A notice that stays until the next successful load (a refused run or address value)."""
+        self._banner(message, None)
+
+    def show_data_error(self, view: str, message: str) -> None:
+        """A panel of ``view`` could not be drawn; cleared by that view's next update that draws all its panels."""
+        self._banner(message, view)
+
+    def _banner(self, message: str, view: str | None) -> None:
+        self._banner_view = view
         self.banner.object = f"<div class='dv-error' role='alert'>⚠ {html.escape(message)}</div>"
         self.banner.visible = True
 
     def clear_error(self) -> None:
+        self._banner_view = None
         self.banner.visible = False
         self.banner.object = ""
+
+    def _on_view_healthy(self, view: str) -> None:
+        if self.banner.visible and self._banner_view == view:
+            self.clear_error()
 
     def _on_run_changed(self, *_: Any) -> None:
         data = self.store.run
@@ -396,7 +442,7 @@ class Dashboard(pn.viewable.Viewer):
             self.run_info.object = ("<p class='dv-note'>No run loaded. Type a run folder or URL above, "
                                     "or pick a run folder.</p>")
             return
-        if self.source_box.value != self.state.dataset and not self.state.dataset.startswith(UPLOAD_PREFIX):
+        if self.source_box.value != self.state.dataset:  # a picked folder shows as upload:NAME (Load reopens it)
             self.source_box.value = self.state.dataset
         info = data.metadata.get("run", {})
         model = info.get("model", {})

@@ -9,10 +9,15 @@ step (or layer, token, ...) anywhere moves every view. ``dataset``, ``compare``,
 ``token`` is an index into ``metadata.tokens``; with ``merge_words`` the view shows the
 whole word that token belongs to (sub-word maps summed).
 
+:meth:`State.fit` brings step, layer, head, token and step range inside a newly opened run; the shell calls
+it, once per run, before the views see that run. Nothing else writes these parameters on a load.
+
 ``head`` is :data:`MEAN_HEAD` (``"mean"``: the maps averaged over heads, all a schema-1 run has) or
 a head number as a string (``"0"``): head k of each layer, in runs recorded per head.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import param
 
@@ -46,6 +51,9 @@ class State(param.Parameterized):
     probe_x = param.Number(default=0.5, bounds=(0.0, 1.0), doc="self-attention query, fraction of image width")
     probe_y = param.Number(default=0.5, bounds=(0.0, 1.0), doc="self-attention query, fraction of image height (top = 0)")
 
+    grid = param.Boolean(default=False, doc="word grid: every content word's aggregated map, one small overlay each")
+    grey = param.Boolean(default=False, doc="draw the image under a map in greyscale, so the colour map stands out")
+
     opacity = param.Number(default=0.6, bounds=(0.0, 1.0))
     cmap = param.Selector(default="inferno", objects=list(CMAPS))
     color_scale = param.Selector(default="per map", objects=["per map", "shared"],
@@ -53,3 +61,34 @@ class State(param.Parameterized):
 
     fps = param.Integer(default=8, bounds=(1, 60))
     playing = param.Boolean(default=False)
+
+    def fitted(self, run: Any, *, last_step: bool = False) -> dict[str, Any]:
+        """The parameter values that change to bring this state inside ``run`` (a ``app.store.RunData``):
+        step clamped (or the last step, with ``last_step``: where a new session opens, attention has formed),
+        an unknown layer or head back to the mean, the token on its word's first token (or the run's first
+        content word), the step range inside the run (the whole run when unset)."""
+        n = run.n_steps
+        updates: dict[str, Any] = {}
+        step = n - 1 if last_step else min(max(int(self.step), 0), n - 1)
+        if step != self.step:
+            updates["step"] = step
+        if self.layer not in run.layer_values():
+            updates["layer"] = ALL_LAYERS
+        head = run.fit_head(self.head)
+        if head != self.head:
+            updates["head"] = head
+        token = self.token if self.token is not None and 0 <= self.token < len(run.tokens) else run.default_token()
+        token = run.canonical_token(token, self.merge_words)
+        if token != self.token:
+            updates["token"] = token
+        first, last = self.step_range
+        if not 0 <= first <= last < n or (first, last) == (0, 0):
+            updates["step_range"] = (0, n - 1)
+        return updates
+
+    def fit(self, run: Any, *, last_step: bool = False) -> list[str]:
+        """Apply :meth:`fitted` in one update; returns the names of the parameters that changed."""
+        updates = self.fitted(run, last_step=last_step)
+        if updates:
+            self.param.update(**updates)
+        return list(updates)

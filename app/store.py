@@ -17,10 +17,10 @@ the Pyodide worker of the static site.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,11 +28,13 @@ import numpy as np
 import param
 
 from analysis import divergence as _divergence
+from analysis import maps as _maps
 from analysis import metrics as _metrics
 from analysis import trajectory as _trajectory
 from app.state import ALL_LAYERS, MEAN_HEAD
 from export import reader as _reader
 from export import validate as _validate
+from export import words as _words
 from export.contract import DatasetError
 
 #: Default bound of each run's LRU cache of decoded maps and images, in MB.
@@ -40,8 +42,6 @@ DEFAULT_CACHE_MB = 256
 #: The project checkout (``datasets/`` lives here when running from a clone).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_PREFIX = "upload:"
-#: Words skipped when choosing the token shown first.
-FUNCTION_WORDS = frozenset("a an the and or of on in at to with by for from over under is are , .".split())
 
 IN_BROWSER = sys.platform == "emscripten"
 
@@ -132,58 +132,53 @@ def check_schema(run: Any, label: str) -> None:
             raise DatasetError(f"{label}: {name} fails validation: {errors[0]}{more}")
 
 
-# --------------------------------------------------------------------------- resampling
-
-
-@functools.lru_cache(maxsize=64)
-def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``[n_out, n_in]`` weights of 1-D linear interpolation with pixel-centre alignment (edges clamped)."""
-    pos = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    w = np.zeros((n_out, n_in), np.float64)
-    np.add.at(w, (np.arange(n_out), lo), 1 - frac)
-    np.add.at(w, (np.arange(n_out), hi), frac)
-    w = w.astype(np.float32)
-    w.flags.writeable = False
-    return w
-
-
-def resize(m: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resampling of a map ``[H, W]`` (or a stack ``[..., H, W]``) with pixel-centre alignment,
-    equal to PIL's bilinear resize when upsampling (no corner pinning).
-
-    Used to bring maps of different resolutions to one grid before averaging them, and to upsample a
-    map to the image size for display. A copy, exact, when the size is unchanged.
-    """
-    m = np.asarray(m, dtype=np.float32)
-    h, w = m.shape[-2:]
-    if (h, w) == (height, width):
-        return m.copy()
-    return (_interpolation_matrix(h, height) @ m @ _interpolation_matrix(w, width).T).astype(np.float32, copy=False)
-
-
 # --------------------------------------------------------------------------- one run
 
 
-def _finest(grids: list[tuple[int, int]]) -> tuple[int, int]:
-    """The grid with the most cells (ties: the first), ``(0, 0)`` for none."""
-    grids = [(int(h), int(w)) for h, w in grids]
-    return max(grids, key=lambda g: g[0] * g[1]) if grids else (0, 0)
+@dataclass(frozen=True)
+class Selection:
+    """What a heat map is drawn for: the state's parameters a map depends on, read once per update."""
+
+    step: int
+    layer: str
+    token: int
+    head: str = MEAN_HEAD
+    merge: bool = True
+    kind: str = "cross"
+    aggregate: bool = False
+    first: int = 0
+    last: int = 0
+    qx: float = 0.5
+    qy: float = 0.5
+    shared: bool = False
+
+    @classmethod
+    def of(cls, state: Any) -> "Selection":
+        first, last = sorted(int(v) for v in state.step_range)
+        return cls(step=int(state.step), layer=str(state.layer), token=int(state.token or 0), head=str(state.head),
+                   merge=bool(state.merge_words), kind=str(state.kind), aggregate=bool(state.aggregate),
+                   first=first, last=last, qx=float(state.probe_x), qy=float(state.probe_y),
+                   shared=state.color_scale == "shared")
+
+    @property
+    def daam(self) -> bool:
+        """The DAAM word map: it depends on the step range, not on the step."""
+        return self.aggregate and self.kind == "cross"
 
 
-def query_cell(qx: float, qy: float, grid: tuple[int, int]) -> tuple[int, int]:
-    """``(row, col)`` of the cell of an ``(h, w)`` grid under the fractional position ``(qx, qy)`` (top-left origin)."""
-    h, w = grid
-    return min(int(qy * h), h - 1), min(int(qx * w), w - 1)
+@dataclass
+class Heat:
+    """One drawn heat map: ``map`` as computed (one layer's: the file's values), its colour range, and a
+    title naming what is drawn (step, layer, token, head)."""
 
-
-def _clean_token(text: str) -> str:
-    text = str(text)
-    if text.endswith("</w>"):
-        text = text[:-4]
-    return text or "␣"
+    map: np.ndarray
+    low: float
+    high: float
+    title: str
+    #: the step whose image the map is drawn over (the range's last step for the DAAM map)
+    step: int
+    #: the layer drawn: ``layer`` or, when that layer has no maps of the kind, ``mean``
+    layer: str
 
 
 class RunData:
@@ -210,8 +205,8 @@ class RunData:
         self.cross_layers = [int(l["index"]) for l in self.layers if l.get("cross_shape")]
         self.self_layers = [int(l["index"]) for l in self.layers if l.get("self_shape")]
         #: the finest grid of each kind: the all-layer mean is brought to it
-        self.cross_grid: tuple[int, int] = _finest([self.run.cross_grid(i) for i in self.cross_layers])
-        self.self_grid: tuple[int, int] = _finest([self.run.self_grid(i) for i in self.self_layers])
+        self.cross_grid: tuple[int, int] = _maps.finest([self.run.cross_grid(i) for i in self.cross_layers])
+        self.self_grid: tuple[int, int] = _maps.finest([self.run.self_grid(i) for i in self.self_layers])
         self.per_head = bool(run.per_head)
         #: heads of the layer with the most (0 unless the run is per head); head k means head k of each layer
         self.max_heads = max([int(run.num_heads(i) or 0) for i in self.cross_layers] + [0]) if self.per_head else 0
@@ -224,12 +219,18 @@ class RunData:
         return self.label
 
     def layer_label(self, index: int) -> str:
+        """``up_blocks.1 · 8×8 · attn 0 · block 0``: the block, the stored grid, then the rest of the name."""
         layer = self.layers[index]
         name = str(layer.get("name", index))
         block = str(layer.get("block", ""))
         rest = name[len(block) + 1:] if block and name.startswith(block + ".") else name
-        rest = rest.replace("attentions.", "attn ").replace("transformer_blocks.", "tb ").replace(".", " · ")
-        return f"L{index} · {rest}"
+        parts = rest.split(".")
+        words = {"attentions": "attn", "transformer_blocks": "block", "single_transformer_blocks": "single block"}
+        named = [f"{words.get(parts[i], parts[i])} {parts[i + 1]}" for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            named.append(parts[-1])
+        h, w = self.layer_resolution(index)
+        return " · ".join([block or f"L{index}", f"{h}×{w}"] + [n for n in named if n])
 
     def layer_resolution(self, index: int) -> tuple[int, int]:
         if index in self.cross_layers:
@@ -248,7 +249,7 @@ class RunData:
                 continue
             rh, rw = self.layer_resolution(index)
             group = f"{layer.get('block', '?')} · {rh}×{rw}"
-            groups.setdefault(group, {})[self.layer_label(index)] = str(index)
+            groups.setdefault(group, {})[f"L{index} · {self.layer_label(index)}"] = str(index)
         return groups
 
     def layer_values(self) -> list[str]:
@@ -269,15 +270,10 @@ class RunData:
         return "mean of heads" if head == MEAN_HEAD else f"head {head}"
 
     def token_text(self, index: int) -> str:
-        token = self.tokens[index]
-        if token.get("special"):
-            text = str(token.get("text", ""))
-            return "<start>" if "start" in text else "<end>" if "end" in text else text
-        return _clean_token(token.get("text", ""))
+        return _words.token_text(self.tokens[index])
 
     def word_of(self, index: int) -> int | None:
-        word = self.tokens[index].get("word") if 0 <= index < len(self.tokens) else None
-        return None if word is None else int(word)
+        return _words.word_of(self.tokens[index]) if 0 <= index < len(self.tokens) else None
 
     def token_indices(self, token: int, merge: bool) -> list[int]:
         """The stored token rows shown for ``token``: its whole word when ``merge`` and it has one."""
@@ -317,9 +313,7 @@ class RunData:
 
     def default_token(self) -> int:
         """The first content word of the prompt (not a special token, not a function word), else the first word."""
-        words = [i for i, token in enumerate(self.tokens) if not token.get("special")]
-        content = [i for i in words if self.token_text(i).lower() not in FUNCTION_WORDS]
-        return (content or words or [0])[0]
+        return _words.default_token(self.tokens)
 
     def canonical_token(self, token: int, merge: bool) -> int:
         """The index the selector uses for ``token``: the word's first token when merging."""
@@ -396,11 +390,7 @@ class RunData:
         return self._memoised(("mean", step, head), lambda: self._layer_mean(step, head))
 
     def _layer_mean(self, step: int, head: str) -> np.ndarray:
-        h, w = self.cross_grid
-        acc = np.zeros((len(self.tokens), h, w), np.float32)
-        for index in self.cross_layers:
-            acc += resize(self.layer_cross(index, step, head), h, w)
-        return acc / max(len(self.cross_layers), 1)
+        return _maps.mean_at((self.layer_cross(i, step, head) for i in self.cross_layers), self.cross_grid)
 
     def aggregate_all(self, first: int, last: int, head: str = MEAN_HEAD) -> np.ndarray:
         """Every token's DAAM map ``[T, h, w]``: the all-layer mean averaged over steps ``first..last``."""
@@ -437,20 +427,14 @@ class RunData:
 
     def probe_layer_map(self, layer: int, step: int, qx: float, qy: float) -> np.ndarray:
         """Where the query at fractional position ``(qx, qy)`` (top-left origin) attends, ``[sh, sw]``."""
-        sh, sw = self.run.self_grid(int(layer))
         maps = self.run.self_attention(int(layer), self._check_step(step))
-        row, col = query_cell(qx, qy, (sh, sw))
-        return np.asarray(maps[row * sw + col], dtype=np.float32).reshape(sh, sw)
+        return _maps.probe_row(maps, self.run.self_grid(int(layer)), qx, qy)
 
     def probe_map(self, layer: str | int, step: int, qx: float, qy: float) -> np.ndarray:
         if not self.self_layers:
             raise DatasetError("this run has no self-attention maps")
         if str(layer) == ALL_LAYERS:
-            sh, sw = self.self_grid
-            acc = np.zeros((sh, sw), np.float32)
-            for index in self.self_layers:
-                acc += resize(self.probe_layer_map(index, step, qx, qy), sh, sw)
-            return acc / len(self.self_layers)
+            return _maps.mean_at((self.probe_layer_map(i, step, qx, qy) for i in self.self_layers), self.self_grid)
         return self.probe_layer_map(self._layer_index(layer, "self"), step, qx, qy)
 
     # ---- metrics ------------------------------------------------------------------------
@@ -503,6 +487,96 @@ class RunData:
         evr = list(self.pca.get("explained_variance_ratio") or [np.nan, np.nan]) + [np.nan, np.nan]
         return float(evr[0]), float(evr[1])
 
+    # ---- what the views draw -------------------------------------------------------------
+
+    def drawn_layer(self, kind: str, layer: str) -> str:
+        """``layer`` if it has maps of ``kind``, else all layers."""
+        layers = self.cross_layers if kind == "cross" else self.self_layers
+        return layer if layer == ALL_LAYERS or (layer.isdigit() and int(layer) in layers) else ALL_LAYERS
+
+    def layer_text(self, layer: str) -> str:
+        return "all layers (mean)" if layer == ALL_LAYERS else f"L{layer} · {self.layer_label(int(layer))}"
+
+    def fit_selection(self, sel: Selection) -> Selection:
+        """``sel`` inside this run: step and range clamped, the token canonical, the head one the run has."""
+        n = self.n_steps
+        clamp = lambda v: min(max(int(v), 0), n - 1)  # noqa: E731
+        token = sel.token if 0 <= sel.token < len(self.tokens) else self.default_token()
+        return replace(sel, step=clamp(sel.step), first=clamp(sel.first), last=clamp(sel.last),
+                       token=self.canonical_token(token, sel.merge), head=self.fit_head(sel.head))
+
+    def heat(self, sel: Selection) -> Heat:
+        """The heat map for ``sel``: the token's cross map (one layer, or the layer mean), the DAAM aggregate,
+        or the self-attention probe. Raises :class:`DatasetError` naming the file when one cannot be read."""
+        sel = self.fit_selection(sel)
+        layer = self.drawn_layer(sel.kind, sel.layer)
+        if sel.kind == "self":
+            if not self.self_layers:
+                raise DatasetError("this run recorded no self-attention maps")
+            raw = self.probe_map(layer, sel.step, sel.qx, sel.qy)
+            title = f"self · {self.layer_text(layer)} · query ({sel.qx:.2f}, {sel.qy:.2f}) · step {sel.step}"
+            high = self.self_max(layer, sel.step) if sel.shared else 0.0
+            step = sel.step
+        else:
+            if not self.cross_layers:
+                raise DatasetError("this run recorded no cross-attention maps")
+            label = self.token_label(sel.token, sel.merge)
+            head_text = f" · {self.head_label(sel.head)}" if self.per_head else ""
+            if sel.daam:
+                raw = self.aggregate_map(sel.token, sel.merge, sel.first, sel.last, sel.head)
+                layer = ALL_LAYERS
+                title = f"DAAM · '{label}' · all {len(self.cross_layers)} layers{head_text} · steps {sel.first}–{sel.last}"
+                high = float(self.aggregate_all(sel.first, sel.last, sel.head).max()) if sel.shared else 0.0
+                step = sel.last
+            else:
+                raw = self.cross_map(layer, sel.step, sel.token, sel.merge, sel.head)
+                title = f"cross · '{label}' · {self.layer_text(layer)}{head_text} · step {sel.step}"
+                high = float(self.cross_all_tokens(layer, sel.step, sel.head).max()) if sel.shared else 0.0
+                step = sel.step
+        low, high = (0.0, high) if sel.shared else (float(np.min(raw)), float(np.max(raw)))
+        if not high > low:
+            high = low + 1e-6
+        return Heat(map=np.asarray(raw, np.float32), low=low, high=high, title=title, step=step, layer=layer)
+
+    def short_title(self, sel: Selection, heat: Heat) -> str:
+        """``'red' · L1 · step 2``: a small figure's title naming what is drawn."""
+        what = "probe" if sel.kind == "self" else f"'{self.token_label(sel.token, sel.merge)}'"
+        layer = "all layers" if heat.layer == ALL_LAYERS else f"L{heat.layer}"
+        when = f"steps {sel.first}–{sel.last}" if sel.daam else f"step {heat.step}"
+        return f"{what} · {layer} · {when}"
+
+    def self_max(self, layer: str, step: int) -> float:
+        layers = self.self_layers if layer == ALL_LAYERS else [int(layer)]
+        return float(max(np.max(self.run.self_attention(i, step)) for i in layers))
+
+    def shares(self, sel: Selection) -> tuple[np.ndarray, str]:
+        """Each prompt token's share of the attention mass, from the same maps as the heat map: one step at
+        the drawn layer, or (DAAM) the aggregate over the step range. ``(shares [T], where)``."""
+        sel = self.fit_selection(sel)
+        if sel.daam:
+            stack = self.aggregate_all(sel.first, sel.last, sel.head)
+            where = f"all layers · steps {sel.first}–{sel.last}"
+        else:
+            layer = self.drawn_layer("cross", sel.layer)
+            stack = self.cross_all_tokens(layer, sel.step, sel.head)
+            where = f"{'all layers' if layer == ALL_LAYERS else f'L{layer}'} · step {sel.step}"
+        if self.per_head:
+            where += f" · {self.head_label(sel.head)}"
+        return _metrics.token_distribution(stack), where
+
+    def entropies(self, sel: Selection) -> tuple[list[str], np.ndarray, str]:
+        """Entropy of every cross layer: at the step, or (DAAM) its mean over the step range."""
+        sel = self.fit_selection(sel)
+        steps = range(sel.first, sel.last + 1) if sel.daam else [sel.step]
+        labels, values = [], []
+        for index in self.cross_layers:
+            curve = self.entropy_curve(index)
+            labels.append(f"L{index}")
+            picked = [float(curve[s]) for s in steps if curve is not None and s < len(curve)]
+            values.append(float(np.mean(picked)) if picked else np.nan)
+        where = f"steps {sel.first}–{sel.last} (mean)" if sel.daam else f"step {sel.step}"
+        return labels, np.asarray(values, np.float64), where
+
     # ---- playback ------------------------------------------------------------------------
 
     def prefetch(self, step: int, layer: str | int, kind: str, head: str = MEAN_HEAD) -> None:
@@ -542,6 +616,8 @@ class Comparison:
         self.a, self.b = a, b
         self.differences = _compatibility(a, b)
         self.ok = not self.differences
+        #: how the two runs' settings differ (seed, cfg, steps, scheduler, model, size, prompt), one line each
+        self.settings: list[str] = _reader.run_differences(a.metadata, b.metadata)
         self.pairs, self.pairing = self._pair_tokens()
         self._js: tuple[np.ndarray, np.ndarray] | None = None
         self._traj: tuple[np.ndarray, np.ndarray, tuple[float, float], str] | None = None
@@ -564,6 +640,35 @@ class Comparison:
                     used.add(j)
                     break
         return pairs, "token counts differ: tokens paired by equal text"
+
+    def selection_b(self, sel: Selection) -> Selection:
+        """``sel`` for run B: the same step, the layer of the same name, the paired token (its word's first)."""
+        b = self.b
+        if sel.step >= b.n_steps:
+            raise DatasetError(f"run B has {b.n_steps} steps: no step {sel.step}")
+        layer = sel.layer
+        if layer != ALL_LAYERS:
+            layer = str(b.run.layer_index(self.a.layers[int(layer)]["name"]))
+        rows = self.a.token_indices(sel.token, sel.merge) if sel.kind == "cross" else [sel.token]
+        paired = [j for i, j, _text in self.pairs if i == rows[0]]
+        if sel.kind == "cross" and not paired:
+            raise DatasetError(f"token '{self.a.token_label(sel.token, sel.merge)}' has no counterpart in run B")
+        return replace(sel, layer=layer, token=paired[0] if paired else sel.token)
+
+    def heat_pair(self, sel: Selection) -> tuple[Heat, Heat, Heat]:
+        """A's map, B's map (same token, layer, step) on one colour scale, and A − B (B resampled to A's grid)
+        on a symmetric scale. Raises :class:`DatasetError` when B's map cannot be drawn."""
+        sel = self.a.fit_selection(sel)
+        sel_b = self.selection_b(sel)
+        heat_a, heat_b = self.a.heat(sel), self.b.heat(sel_b)
+        low, high = _maps.shared_range(heat_a.map, heat_b.map)
+        low = min(low, 0.0)
+        diff = _maps.difference(heat_a.map, heat_b.map)
+        d_low, d_high = _maps.symmetric_range(diff)
+        title_step = f"step {heat_a.step}" if not sel.daam else f"steps {sel.first}–{sel.last}"
+        return (replace(heat_a, low=low, high=high, title=f"A · {self.a.short_title(sel, heat_a)}"),
+                replace(heat_b, low=low, high=high, title=f"B · {self.b.short_title(sel_b, heat_b)}"),
+                Heat(map=diff, low=d_low, high=d_high, title=f"A − B · {title_step}", step=heat_a.step, layer=heat_a.layer))
 
     def js(self) -> tuple[np.ndarray, np.ndarray]:
         """``(per_token [N, L, P], grid [N, L])``: JS divergence (base 2) of each paired token's spatial map

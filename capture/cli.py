@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "denoising step.",
                 epilog=EXAMPLE)
     onoff = argparse.BooleanOptionalAction
-    p.add_argument("--prompt", required=True, help="the text prompt (required)")
-    p.add_argument("--negative-prompt", default=d.negative_prompt, help="negative prompt (default: none)")
+    from capture.toyworld.world import VOCABULARY
+
+    p.add_argument("--prompt", required=True, help="the text prompt (required); the embedded toy model knows only "
+                                                   f"these words: {', '.join(VOCABULARY)}")
+    p.add_argument("--negative-prompt", default=d.negative_prompt,
+                   help="negative prompt (default: none; the toy model's words only)")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--num-steps", type=int, default=d.num_steps, help="denoising steps, 1..1000 (default %(default)s)")
     p.add_argument("--layers", action="append", default=[], metavar="GLOB",

@@ -148,9 +148,22 @@ class GenerateConfig:
                                           "(drop --no-include-cross-attention)")
         return self
 
+    def check_words(self) -> "GenerateConfig":
+        """For the toy model (the default, or a folder that is it), refuse prompt words it does not know:
+        it would read them as character pieces. Real models are not restricted."""
+        from capture.toyworld import vocabulary
+
+        for name in ("prompt", "negative_prompt"):
+            problem = vocabulary.check_prompt(getattr(self, name), self.model)
+            if problem:
+                raise ConfigError(name, problem)
+        return self
+
     def check_paths(self) -> "GenerateConfig":
-        """The rules that look at the disk (read only): the model path and the output folder."""
+        """The rules that look at the disk (read only): the model path, the output folder, and the prompt's
+        words when the model is the toy one (:meth:`check_words`)."""
         model_source(self.model)
+        self.check_words()
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError("output_dir", f"{out} exists and is not a folder")

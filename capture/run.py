@@ -199,7 +199,7 @@ def check(config: GenerateConfig, *, size_warning: bool = True) -> tuple[Generat
     """Validate ``config`` and :func:`prepare` it: what :func:`generate` checks before it loads any weights,
     so callers (the CLI, the bridge) fail fast. ``size_warning=False`` keeps the plan's warnings silent
     (an enforced limit still raises)."""
-    return config.validate(), prepare(config, warn=size_warning)
+    return config.validate().check_words(), prepare(config, warn=size_warning)
 
 
 def prepare(config: GenerateConfig, *, warn: bool = True) -> Prepared:

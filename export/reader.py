@@ -544,3 +544,44 @@ def compatible(run_a: Run, run_b: Run) -> list[str]:
     if size_a != size_b:
         out.append(f"image size differs: {size_a[0]}x{size_a[1]} vs {size_b[0]}x{size_b[1]}")
     return out
+
+
+def _setting(run: Mapping[str, Any], key: str) -> Any:
+    """One generation setting of a ``metadata["run"]`` block, in a form that compares and prints plainly."""
+    if key == "size":
+        h, w = run.get("height"), run.get("width")
+        return None if h is None and w is None else f"{h}×{w}"
+    if key == "model":
+        model = run.get("model")
+        if isinstance(model, Mapping):
+            name, source = model.get("id"), model.get("source")
+            return f"{name} ({source})" if source else name
+        return model
+    value = run.get(key)
+    if key in ("prompt", "negative_prompt"):
+        return f"“{value}”" if value else None
+    return value
+
+
+#: ``(label, metadata["run"] key)`` of the settings :func:`run_differences` compares, in the order it lists them.
+RUN_SETTINGS = (("prompt", "prompt"), ("negative prompt", "negative_prompt"), ("seed", "seed"), ("cfg", "cfg_scale"),
+                ("steps", "num_steps"), ("scheduler", "scheduler"), ("model", "model"), ("size", "size"),
+                ("dtype", "dtype"), ("device", "device"))
+
+
+def run_differences(meta_a: Mapping[str, Any], meta_b: Mapping[str, Any]) -> list[str]:
+    """Every generation setting that differs between two runs' metadata, one line each: ``"seed: 0 (A) vs 7 (B)"``.
+
+    Unlike :func:`compatible`, these do not stop a comparison; they say what a divergence between the runs mixes.
+    A setting a run does not record reads "—". Empty when all of :data:`RUN_SETTINGS` agree."""
+    runs = []
+    for meta in (meta_a, meta_b):
+        run = meta.get("run") if isinstance(meta, Mapping) else None
+        runs.append(run if isinstance(run, Mapping) else {})
+    out = []
+    for label, key in RUN_SETTINGS:
+        a, b = _setting(runs[0], key), _setting(runs[1], key)
+        if a != b:
+            show = lambda v: "—" if v is None or v == "" else str(v)  # noqa: E731
+            out.append(f"{label}: {show(a)} (A) vs {show(b)} (B)")
+    return out

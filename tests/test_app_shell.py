@@ -16,7 +16,9 @@ from app import serve, shell
 from app.shell import Dashboard
 from app.state import State
 from app.store import Store
+from app.views.attention import OVERLAY_PX
 from app.views.common import rgba
+from app.views.timeline import IMAGE_PX
 from export import reader
 from tests.synthetic import write_synthetic_run
 
@@ -120,7 +122,8 @@ def test_comparison_loads_and_clears(runs):
 def test_bad_values_from_the_page_address_are_named(runs):
     dash = make(str(runs["a"]))
     dash._on_url_error({"step": -3, "token": 2, "layer": 1})  # the query parser turns "1" into a number
-    assert dash.state.token == 2 and dash.state.step == 0 and dash.state.layer == "1"
+    # a session opens at the last step; the refused step=-3 leaves it there
+    assert dash.state.token == 2 and dash.state.step == dash.store.run.n_steps - 1 and dash.state.layer == "1"
     assert "step=-3" in dash.banner.object
 
 
@@ -136,6 +139,7 @@ def test_a_broken_generator_panel_does_not_break_the_dashboard(runs, monkeypatch
 
 def test_playback_advances_and_stops(runs):
     dash = make(str(runs["a"]))
+    dash.state.step = 0
     dash.state.playing = True
     dash.timeline._tick()
     dash.timeline._tick()
@@ -171,7 +175,7 @@ def test_frames_hold_each_step_as_the_server_would_send_it(runs):
         np.testing.assert_array_equal(dash.attention.image_frames.source.data["image"][step],
                                       dash.attention.image_source.data["image"][0])
     dash.state.token = 3  # a new selection drops the frames and refills them
-    assert frames.key[2] == 3 and sorted(frames._ready) == list(range(6))
+    assert frames.key[1].token == 3 and sorted(frames._ready) == list(range(6))
     np.testing.assert_array_equal(frames.source.data["raw"][4], dash.attention.heat_source.data["raw"][0])
     dash.state.aggregate = True  # the DAAM map does not change with the step: no frames
     assert not frames.enabled and frames.source.data["ready"] == []
@@ -266,7 +270,7 @@ def test_per_head_non_square_run_in_the_views(runs, tmp_path):
     run = dash.store.run.run
     # the timeline's figures take the image's aspect ratio; the final image is shown beside the preview
     fig = dash.timeline.image_fig
-    assert (fig.frame_width, fig.frame_height) == (400, 200) and (fig.x_range.end, fig.y_range.start) == (32, 16)
+    assert (fig.frame_width, fig.frame_height) == (IMAGE_PX, IMAGE_PX // 2) and (fig.x_range.end, fig.y_range.start) == (32, 16)
     final = run.final_image()
     assert final is not None and dash.timeline.final_pane.visible
     np.testing.assert_array_equal(dash.timeline.final_source.data["image"][0], rgba(final))
@@ -280,7 +284,7 @@ def test_per_head_non_square_run_in_the_views(runs, tmp_path):
     np.testing.assert_array_equal(view.heat_source.data["raw"][0], run.cross_heads(1, 2)[1][3])
     assert "head 1" in view.overlay.title.text
     assert view.heat_source.data["image"][0].shape == (32, 64)  # display grid, H and W apart
-    assert (view.overlay.frame_width, view.overlay.frame_height) == (400, 200)
+    assert (view.overlay.frame_width, view.overlay.frame_height) == (OVERLAY_PX, OVERLAY_PX // 2)
     dash.state.head = "mean"
     np.testing.assert_array_equal(view.heat_source.data["raw"][0], run.cross(1, 2)[3])
     # a schema-1 run (mean over heads, square, no final image) hides the selector and puts the state back on the mean
@@ -290,7 +294,7 @@ def test_per_head_non_square_run_in_the_views(runs, tmp_path):
     assert not dash.banner.visible, dash.banner.object
     assert dash.state.head == "mean" and not view.head.visible
     dash.tabs.active = 0  # the hidden timeline catches up when shown
-    assert not dash.timeline.final_pane.visible and (fig.frame_width, fig.frame_height) == (400, 400)
+    assert not dash.timeline.final_pane.visible and (fig.frame_width, fig.frame_height) == (IMAGE_PX, IMAGE_PX)
     np.testing.assert_array_equal(view.heat_source.data["raw"][0], dash.store.run.run.cross(1, 2)[3])
 
 
@@ -340,7 +344,7 @@ def test_a_deferred_load_keeps_the_run_shown_until_it_is_done(runs):
     assert dash.store.run is None and dash.loading.visible and "Loading run" in dash.loading.object
     runner.apply()
     assert dash.store.run.label == str(runs["a"]) and not dash.loading.visible and not dash.banner.visible
-    assert dash.timeline.image_source.data["step"] == [0]
+    assert dash.timeline.image_source.data["step"] == [5]  # a session opens at the last step
 
     dash.state.step = 5
     dash.state.dataset = str(runs["b"])
@@ -437,5 +441,21 @@ def test_every_broken_run_shows_the_banner(case, runs, tmp_path):
     dash = make(str(runs["a"]))
     dash.submit(str(run))
     assert dash.store.run.label == str(run) and not dash.banner.visible  # maps are read when shown
-    dash.tabs.active = 1  # step 0 shown; a later step's map is read while its frame is filled
+    dash.tabs.active = 1
+    broken = 0 if case == "nan_map" else 4
+    dash.state.param.update(layer="1", step=broken)  # the broken map is read when its step is shown
     assert dash.banner.visible and rel in dash.banner.object, dash.banner.object
+    view = dash.attention
+    assert rel in view.overlay.title.text and view.heat_source.data["raw"][0].shape == (1, 1)  # only that panel blanks
+    assert view.share_source.data["share"] == [] and view.probe_source.data["step"] == [broken]
+    dash.state.step = 2  # good data again: the banner clears and the title names what is drawn
+    assert not dash.banner.visible and "step 2" in view.overlay.title.text and "L1" in view.overlay.title.text
+
+
+def test_a_page_address_naming_a_broken_run_opens_the_sessions_run_and_says_why(runs, monkeypatch):
+    # the address is applied before the first load (sync_url), as under panel serve
+    monkeypatch.setattr(Dashboard, "sync_url", lambda self: setattr(self.state, "dataset", str(runs["bad"])))
+    dash = Dashboard(state=State(dataset=str(runs["a"])), store=Store(cache_mb=8))
+    dash.main()
+    assert dash.store.run is not None and dash.store.run.label == str(runs["a"]) and dash.state.dataset == str(runs["a"])
+    assert dash.banner.visible and str(runs["bad"]) in dash.banner.object and "schema" in dash.banner.object.lower()

@@ -12,7 +12,8 @@ from PIL import Image
 from analysis.divergence import map_js_divergence
 from analysis.trajectory import pca_2d, project
 from app.state import ALL_LAYERS
-from app.store import Comparison, RunData, Store, files_from_upload, resize, resolve_source
+from analysis.maps import resize
+from app.store import Comparison, RunData, Store, files_from_upload, resolve_source
 from export.contract import DatasetError
 from tests.synthetic import write_synthetic_run
 
@@ -100,7 +101,7 @@ def test_open_reads_the_json_and_labels(runs, store):
     assert data.self_grid == (4, 4) and data.run.self_grid(2) == (4, 4)
     groups = data.layer_groups()
     assert groups["All layers"] == {"all layers (mean at 8×8)": ALL_LAYERS}
-    assert groups["down_blocks.2 · 4×4"] == {"L2 · attn 0 · tb 0": "2"}
+    assert groups["down_blocks.2 · 4×4"] == {"L2 · down_blocks.2 · 4×4 · attn 0 · block 0": "2"}
     assert data.layer_values() == [ALL_LAYERS, "0", "1", "2"]
     # synthetic tokens: <start> a red circle a red <end>; "a" and "red" repeat as separate words
     options = data.token_options(merge=False)
@@ -310,3 +311,55 @@ def test_probe_on_a_non_square_self_grid(wide, store):
     row, col = int(0.3 * sh), int(0.9 * sw)
     np.testing.assert_array_equal(data.probe_map("0", 1, 0.9, 0.3), full[row * sw + col].reshape(sh, sw))
     assert data.probe_map(ALL_LAYERS, 1, 0.9, 0.3).shape == data.self_grid == (sh, sw)
+
+
+# --------------------------------------------------------------------------- the one-way flow: State.fit, derived maps
+
+
+def test_state_fit_brings_the_state_inside_a_run(runs, store):
+    from app.state import State
+
+    data = store.open(str(runs["a"]))
+    state = State(step=99, layer="7", token=99, step_range=(0, 0))
+    assert state.fitted(data) == {"step": STEPS - 1, "layer": ALL_LAYERS, "token": data.default_token(),
+                                  "step_range": (0, STEPS - 1)}
+    state = State(step=1, layer="1", token=data.default_token(), step_range=(1, 2))
+    assert state.fitted(data) == {} and state.fitted(data, last_step=True) == {"step": STEPS - 1}
+    assert state.fit(data, last_step=True) == ["step"] and state.step == STEPS - 1
+
+
+def test_heat_pair_is_both_runs_maps_on_one_scale_and_their_difference(runs, store):
+    from app.store import Selection
+
+    a, b = store.open(str(runs["a"])), store.open(str(runs["b"]))
+    comparison = Comparison(a, b)
+    sel = Selection(step=2, layer="1", token=2, merge=False)
+    heat_a, heat_b, diff = comparison.heat_pair(sel)
+    want_a = read_bin(runs["a"], "attention/cross/layer_1_step_002.bin")[2]
+    want_b = read_bin(runs["b"], "attention/cross/layer_1_step_002.bin")[2]
+    np.testing.assert_array_equal(heat_a.map, want_a)
+    np.testing.assert_array_equal(heat_b.map, want_b)
+    np.testing.assert_array_equal(diff.map, want_a - want_b)
+    assert (heat_a.low, heat_a.high) == (heat_b.low, heat_b.high) == (0.0, float(max(want_a.max(), want_b.max())))
+    assert diff.low == -diff.high == -float(np.abs(want_a - want_b).max())
+    assert "step 2" in heat_a.title and "L1" in heat_b.title and "'blue'" in heat_b.title
+    # the all-layer mean: B's maps brought to A's grid, so the difference is defined cell by cell
+    _a, _b, mean_diff = comparison.heat_pair(Selection(step=0, layer=ALL_LAYERS, token=2, merge=False))
+    np.testing.assert_allclose(mean_diff.map, a.cross_map(ALL_LAYERS, 0, 2, False) - b.cross_map(ALL_LAYERS, 0, 2, False), atol=1e-7)
+
+
+def test_daam_mode_draws_image_bars_and_entropy_from_the_same_steps(runs, store):
+    from analysis.metrics import token_distribution
+    from app.store import Selection
+
+    data = store.open(str(runs["a"]))
+    sel = Selection(step=0, layer="1", token=2, aggregate=True, first=1, last=3)
+    heat = data.heat(sel)
+    assert heat.step == 3 and heat.layer == ALL_LAYERS and "steps 1–3" in heat.title
+    np.testing.assert_allclose(heat.map, data.aggregate_all(1, 3)[data.token_indices(2, True)].sum(axis=0))
+    shares, where = data.shares(sel)
+    np.testing.assert_allclose(shares, token_distribution(data.aggregate_all(1, 3)))
+    assert "steps 1–3" in where and shares.sum() == pytest.approx(1.0)
+    labels, values, _where = data.entropies(sel)
+    for k, index in enumerate(data.cross_layers):
+        assert values[k] == pytest.approx(np.mean(data.entropy_curve(index)[1:4]))

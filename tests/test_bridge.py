@@ -25,6 +25,7 @@ pytest.importorskip("torch")
 from capture import bridge as bridge_mod  # noqa: E402
 from capture import pipeline as pipeline_mod  # noqa: E402
 from capture.bridge import Bridge, BridgeServer, ModelAllowList, Origins, RequestError  # noqa: E402
+from capture.toyworld.world import VOCABULARY  # noqa: E402
 from export import reader, validate  # noqa: E402
 from export.writer import RunWriter  # noqa: E402
 from tests.loopback import free_port  # noqa: E402
@@ -144,6 +145,7 @@ def test_info_lists_the_default_model_and_limits(client: Client, datasets: Path)
     assert info["service"] == "diffviz-bridge"
     assert info["datasets"] == str(datasets.resolve())
     assert [m["value"] for m in info["models"]] == ["default"]
+    assert info["models"][0]["vocabulary"] == list(VOCABULARY) and "purple" not in VOCABULARY
     from capture import config
 
     assert info["limits"]["max_steps"] == config.MAX_STEPS
@@ -306,28 +308,32 @@ def test_a_cancel_is_honoured_at_every_event_before_the_final_rename() -> None:
         assert job.cancel_too_late
 
 
+#: A prompt the toy model takes, for requests refused for some other setting.
+OK = "a red circle"
 BAD = [
-    ({"prompt": "x", "cfg_scale": 1000}, "cfg_scale"),
-    ({"prompt": "x", "cfg_scale": "high"}, "cfg_scale"),
-    ({"prompt": "x", "num_steps": 0}, "num_steps"),
-    ({"prompt": "x", "num_steps": 5000}, "num_steps"),
-    ({"prompt": "x", "num_steps": 2.5}, "num_steps"),
+    ({"prompt": OK, "cfg_scale": 1000}, "cfg_scale"),
+    ({"prompt": OK, "cfg_scale": "high"}, "cfg_scale"),
+    ({"prompt": OK, "num_steps": 0}, "num_steps"),
+    ({"prompt": OK, "num_steps": 5000}, "num_steps"),
+    ({"prompt": OK, "num_steps": 2.5}, "num_steps"),
     ({"prompt": ""}, "prompt"),
-    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "a " * 1001}, "prompt"),
     ({"negative_prompt": "y"}, "prompt"),
-    ({"prompt": "x", "attention_resolution": 999}, "attention_resolution"),
-    ({"prompt": "x", "self_attention_resolution": 0}, "self_attention_resolution"),
-    ({"prompt": "x", "seed": -1}, "seed"),
-    ({"prompt": "x", "height": 64, "width": 36}, "width"),
-    ({"prompt": "x", "height": 30}, "height"),
-    ({"prompt": "x", "device": "tpu"}, "device"),
-    ({"prompt": "x", "layers": "no_such_block.*"}, "layers"),
-    ({"prompt": "x", "bogus": 1}, "bogus"),
-    ({"prompt": "x", "name": "../escape"}, "name"),
-    ({"prompt": "x", "name": ".hidden"}, "name"),
-    ({"prompt": "x", "output_dir": "/tmp/elsewhere"}, "output_dir"),
-    ({"prompt": "x", "name": "first"}, "name"),  # exists, no overwrite
-    ({"prompt": "x", "num_steps": 500, "max_dataset_mb": 0.01, "enforce_size_limit": True}, "max_dataset_mb"),
+    ({"prompt": OK, "attention_resolution": 999}, "attention_resolution"),
+    ({"prompt": OK, "self_attention_resolution": 0}, "self_attention_resolution"),
+    ({"prompt": OK, "seed": -1}, "seed"),
+    ({"prompt": OK, "height": 64, "width": 36}, "width"),
+    ({"prompt": OK, "height": 30}, "height"),
+    ({"prompt": OK, "device": "tpu"}, "device"),
+    ({"prompt": OK, "layers": "no_such_block.*"}, "layers"),
+    ({"prompt": OK, "bogus": 1}, "bogus"),
+    ({"prompt": "a purple dog"}, "prompt"),
+    ({"prompt": OK, "negative_prompt": "blurry"}, "negative_prompt"),
+    ({"prompt": OK, "name": "../escape"}, "name"),
+    ({"prompt": OK, "name": ".hidden"}, "name"),
+    ({"prompt": OK, "output_dir": "/tmp/elsewhere"}, "output_dir"),
+    ({"prompt": OK, "name": "first"}, "name"),  # exists, no overwrite
+    ({"prompt": OK, "num_steps": 500, "max_dataset_mb": 0.01, "enforce_size_limit": True}, "max_dataset_mb"),
 ]
 
 
@@ -341,6 +347,20 @@ def test_bad_parameters_get_400_naming_the_field(client: Client, datasets: Path,
     assert field.split("_")[0] in answer["error"].replace("-", "_")
     assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
     assert sorted(p.name for p in datasets.iterdir()) == before
+
+
+def test_unknown_words_for_the_toy_model_get_one_line_and_touch_nothing(client: Client, datasets: Path,
+                                                                        first_run: dict) -> None:
+    from tests.test_cli_generate import snapshot
+
+    before, jobs = snapshot(datasets), _jobs_count(client)
+    for body in ({"prompt": "A purple dog.", "name": "purple"},
+                 {"prompt": "a purple dog", "name": "first", "overwrite_output": True}):
+        status, _h, answer = client.call("POST", "/jobs", {**FAST, **body})
+        assert status == 400 and answer["field"] == "prompt", answer
+        assert answer["error"].startswith("--prompt: unknown words for the toy model: purple, dog (it knows: a, and, ")
+        assert "\n" not in answer["error"]
+    assert snapshot(datasets) == before and _jobs_count(client) == jobs
 
 
 def test_bodies_that_are_not_json_objects_or_too_big_are_refused(client: Client) -> None:
@@ -452,12 +472,17 @@ def test_model_paths_need_the_allow_list(client: Client, datasets: Path, tmp_pat
     # a bridge started with --allow-model accepts that folder (checked with the CLI's rules too)
     allowed = Bridge(datasets, models=[str(copy)], show_progress=False, log=lambda m: None)
     try:
-        job = allowed.make_job({**FAST, "prompt": "x", "model": str(copy), "name": "allowed-model"})
+        job = allowed.make_job({**FAST, "prompt": "a red circle", "model": str(copy), "name": "allowed-model"})
         assert job.config.model == str(copy) and job.config.output_dir == str(datasets.resolve() / "allowed-model")
         with pytest.raises(RequestError) as info:
             allowed.make_job({"prompt": "x", "model": "/tmp"})
         assert info.value.field == "model"
         assert [m["value"] for m in allowed.info()["models"]] == ["default", str(copy)]
+        # the copy is the toy model: listed with its vocabulary, and held to it
+        assert allowed.info()["models"][1]["vocabulary"] == list(VOCABULARY)
+        with pytest.raises(RequestError) as info:
+            allowed.make_job({"prompt": "a purple dog", "model": str(copy)})
+        assert info.value.status == 400 and info.value.field == "prompt" and "purple, dog" in str(info.value)
     finally:
         allowed.jobs.stop()
 

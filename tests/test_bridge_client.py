@@ -188,3 +188,74 @@ def test_the_pyodide_branch_uses_pyfetch(bridge_url: str, monkeypatch) -> None:
     with pytest.raises(BridgeError) as down:
         run_async(BridgeClient(f"http://127.0.0.1:{_closed_port()}").info())
     assert down.value.unreachable and "--allow-origin" in str(down.value)
+
+
+# --------------------------------------------------------------------------- the toy model's words
+
+WORD_CASES = ["a purple dog", "a red circle", "A RED Circle, and a blue square!", "the red's circle", "3 red circles",
+              "Dog, dog and a PURPLE dog", "naïve Ünïcode words", "snake_case and hy-phens", " ,.;! ", ""]
+
+
+def test_the_panel_checks_words_as_the_bridge_does() -> None:
+    """The app may not import capture, so it repeats the word split; both must find the same words and
+    say the same line."""
+    pytest.importorskip("torch")
+    from app.views import generator
+    from capture.config import ConfigError, GenerateConfig
+    from capture.toyworld import vocabulary
+
+    words = list(vocabulary.VOCABULARY)
+    for text in WORD_CASES:
+        assert generator.unknown_words(text, words) == vocabulary.unknown_words(text), text
+        unknown = vocabulary.unknown_words(text)
+        if unknown and text.strip():
+            with pytest.raises(ConfigError) as info:
+                GenerateConfig(prompt=text).check_words()
+            assert generator.refusal("--prompt", unknown, words) == str(info.value)
+    assert generator.unknown_words("a purple dog", words) == ["purple", "dog"]
+
+
+def test_the_panel_lists_the_vocabulary_and_refuses_unknown_words(bridge_url: str) -> None:
+    pytest.importorskip("torch")
+    from app.state import State
+    from app.views.generator import GeneratorPanel
+    from capture.toyworld.world import VOCABULARY
+
+    panel = GeneratorPanel(State(dataset=""), check_on_load=False)
+
+    async def scenario() -> dict:
+        out = {}
+        panel.url_box.value = f"http://127.0.0.1:{_closed_port()}"
+        assert await panel.check() is False
+        out["down"] = panel.status.object
+        assert panel.words.visible is False  # no bridge, no vocabulary known
+        panel.url_box.value = bridge_url
+        assert await panel.check() is True
+        out["vocabulary"] = panel.words.object
+        panel.prompt.value_input = "a purple dog"  # as typed, before the box commits its value
+        out["typed"] = panel.words.object
+        panel.prompt.value = "a purple dog"
+        jobs_before = len((await panel.client.request("GET", "/jobs"))["jobs"])
+        out["sent"] = await panel.generate()
+        out["not_sent"] = panel.message.object
+        out["jobs"] = len((await panel.client.request("GET", "/jobs"))["jobs"]) - jobs_before
+        panel.prompt.value_input = "a red circle"  # fixed: the note and the "Not sent" go
+        out["fixed"] = (panel.words.object, panel.message.object)
+        panel.prompt.value = panel.prompt.value_input = "a purple dog"
+        # without the client-side list, the bridge's own 400 comes back and is shown
+        panel._vocabularies = {}
+        panel._on_words()
+        out["unlisted"] = panel.words.visible
+        out["refused"] = await panel.generate()
+        out["bridge_says"] = panel.message.object
+        return out
+
+    out = run_async(scenario())
+    assert out["down"].count("unreachable") == 1, out["down"]
+    assert all(w in out["vocabulary"] for w in VOCABULARY) and "knows only these words" in out["vocabulary"]
+    assert "unknown words for the toy model: purple, dog" in out["typed"] and out["typed"].count("dv-warn") == 1
+    assert out["sent"] is None and out["jobs"] == 0 and "Not sent" in out["not_sent"]
+    assert "dv-warn" not in out["fixed"][0] and "knows only these words" in out["fixed"][0] and out["fixed"][1] == ""
+    assert out["unlisted"] is False and out["refused"] is None
+    assert "setting <b>prompt</b>" in out["bridge_says"]
+    assert "unknown words for the toy model: purple, dog" in out["bridge_says"]

@@ -81,6 +81,12 @@ CASES = {
                                     "--per-head: keeps each head's cross maps"),
     "size limit enforced": (GOOD + ["--max-dataset-mb", "0.001", "--enforce-size-limit", "--output-dir", "new"],
                             "over --max-dataset-mb"),
+    "unknown words for the toy model": (["--prompt", "A purple dog.", "--output-dir", "new"],
+                                        "--prompt: unknown words for the toy model: purple, dog (it knows: a, and"),
+    "unknown negative word": (GOOD + ["--negative-prompt", "blurry", "--output-dir", "new"],
+                              "--negative-prompt: unknown word for the toy model: blurry"),
+    "unknown words, overwrite asked": (["--prompt", "a purple dog", "--output-dir", "old_run", "--overwrite-output"],
+                                       "unknown words for the toy model: purple, dog"),
 }
 
 
@@ -120,4 +126,16 @@ def test_subprocess_one_line_no_noise(workdir):
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "'bogus' matches no layer" in proc.stderr, proc.stderr
+    assert snapshot(workdir) == before
+
+
+def test_unknown_words_are_refused_before_the_heavy_imports(workdir):
+    """The toy model's refusal comes from the settings alone: no torch, no model, nothing written."""
+    before = snapshot(workdir)
+    code = ("import sys; from capture import cli; rc = cli.main(['--prompt', 'a purple dog', '--output-dir', 'new']); "
+            "print(rc, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "unknown words for the toy model: purple, dog" in proc.stderr
     assert snapshot(workdir) == before

@@ -316,6 +316,35 @@ def test_compatible(tmp_path, run_dir):
         no_self.self_attention(0, 0)
 
 
+# ---------------------------------------------------------------- run_differences()
+def test_run_differences_lists_every_changed_setting(tmp_path, run_dir):
+    a = open_run(run_dir).metadata
+    assert reader.run_differences(a, a) == []
+    # a run written with another seed and prompt: exactly those two lines, with both runs' values
+    b = open_run(write_synthetic_run(tmp_path / "b", steps=STEPS, layers=LAYERS, tokens=TOKENS, r=R, s=S, seed=9,
+                                     prompt="a blue square")).metadata
+    assert reader.run_differences(a, b) == [f"prompt: “{a['run']['prompt']}” (A) vs “a blue square” (B)",
+                                            f"seed: {a['run']['seed']} (A) vs 9 (B)"]
+    # every other setting, changed one at a time in a copy of A's metadata
+    changes = {"negative_prompt": ("blurry", "negative prompt: — (A) vs “blurry” (B)"),
+               "cfg_scale": (3.0, "cfg: 7.5 (A) vs 3.0 (B)"),
+               "num_steps": (50, f"steps: {STEPS} (A) vs 50 (B)"),
+               "scheduler": ("EulerDiscreteScheduler", "scheduler: DDIMScheduler (A) vs EulerDiscreteScheduler (B)"),
+               "model": ({"source": "hub", "id": "sd-1.5"}, "model: synthetic (default) (A) vs sd-1.5 (hub) (B)"),
+               "height": (32, "size: 16×16 (A) vs 32×16 (B)"),
+               "dtype": ("float16", "dtype: float32 (A) vs float16 (B)"),
+               "device": ("cuda", "device: cpu (A) vs cuda (B)")}
+    for key, (value, line) in changes.items():
+        other = json.loads(json.dumps(a))
+        other["run"][key] = value
+        assert reader.run_differences(a, other) == [line], key
+    # a setting one run does not record, and metadata without a run block, give lines instead of errors
+    unrecorded = json.loads(json.dumps(a))
+    del unrecorded["run"]["scheduler"]
+    assert reader.run_differences(a, unrecorded) == ["scheduler: DDIMScheduler (A) vs — (B)"]
+    assert f"seed: {a['run']['seed']} (A) vs — (B)" in reader.run_differences(a, {})
+
+
 # ---------------------------------------------------------------- schema 2
 def test_v2_per_head_run_reads_head_means_and_heads(tmp_path):
     root = write_synthetic_run(tmp_path / "v2", steps=2, per_head=True, heads=3, grid=(4, 8), self_grid=(2, 4),

@@ -26,7 +26,11 @@ import pytest
 from tests.loopback import serving
 from packaging.requirements import Requirement
 
-import app.site as site
+from app.sitebuild import build, cli, page
+from app.sitebuild import wheel as sitewheel
+from app.sitebuild.base import MARKER, SiteError
+from app.sitebuild.download import summary_line
+from app.sitebuild.worker import parse_worker_requirements, worker_template_source
 from diffviz import __version__ as VERSION
 from export.reader import URLSource, open_run
 from tests.synthetic import write_synthetic_run
@@ -63,6 +67,7 @@ def built(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run([sys.executable, str(ROOT / "diffviz.py"), "build-site", "--out", str(out),
                            "--dataset", str(runs / "default")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -70,7 +75,7 @@ def built(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_build_writes_the_site(built: Path, runs: Path) -> None:
     names = {p.name for p in built.iterdir()}
     assert names == {"index.html", "app.html", "app.js", "app.resources.zip", ".nojekyll", "datasets", "favicon.ico",
-                     site.MARKER}
+                     MARKER}
     assert (built / ".nojekyll").read_bytes() == b""
     # the dataset is copied byte for byte, and only the chosen one
     assert [p.name for p in (built / "datasets").iterdir()] == ["default"]
@@ -79,10 +84,31 @@ def test_build_writes_the_site(built: Path, runs: Path) -> None:
     assert 'new Worker("./app.js")' in html
     # the prerender ran the real app with the working directory at the new site: it opened datasets/default
     assert PROMPT in html
-    report = json.loads((built / site.MARKER).read_text())
+    report = json.loads((built / MARKER).read_text())
     assert report["datasets"] == ["datasets/default"] and report["default_dataset"] == "datasets/default"
-    assert report["page_links_elsewhere"] == site.external_references(built, None) != []  # the CDNs
+    assert report["page_links_elsewhere"] == page.external_references(built, None) != []  # the CDNs
     assert report["panel"] == metadata.version("panel") and report["self_hosted"] is None
+    assert "holoviews" not in report
+
+
+def test_build_checks_the_install_plan_and_prints_the_first_visit(built: Path) -> None:
+    """With the npm Pyodide of the pinned version at hand (make test), the build resolves app.js's plan
+    against its lock and prints what a first visit downloads, as recorded in the report."""
+    report = json.loads((built / MARKER).read_text())
+    plan = report["install_plan"]
+    assert plan["lock"] == str(build.project_root() / build.NPM_PYODIDE / "pyodide-lock.json")
+    assert plan["missing"] == []
+    assert {"panel", "bokeh", "numpy", "diffviz", "micropip"} <= {n.lower() for n in plan["resolved"]}
+    visit = report["first_visit"]
+    sized = [i for i in visit["items"] if i["bytes"] is not None]
+    assert round(sum(i["bytes"] for i in sized) / 1e6, 2) == pytest.approx(visit["total_mb"], abs=0.02)
+    core = {i["name"]: i["bytes"] for i in visit["items"] if i["category"] == "pyodide"}
+    npm = build.project_root() / build.NPM_PYODIDE
+    assert core == {name: (npm / name).stat().st_size for name in core} and "pyodide.asm.wasm" in core
+    ours = next(i for i in visit["items"] if i["name"].startswith("diffviz "))
+    assert ours["bytes"] == (built / "app.resources.zip").stat().st_size
+    printed = (built.parent / "stdout.txt").read_text().splitlines()
+    assert summary_line(visit) in printed
 
 
 def test_resources_zip_holds_only_our_browser_wheel(built: Path) -> None:
@@ -91,12 +117,15 @@ def test_resources_zip_holds_only_our_browser_wheel(built: Path) -> None:
     files = set(wheel.namelist())
     tops = {f.split("/")[0] for f in files}
     assert tops == {"app", "analysis", "export", "diffviz.py", f"diffviz-{VERSION}.dist-info"}
-    assert not any(f.startswith("capture/") for f in files)
-    # every module of the three packages is there, byte for byte as in the checkout
+    assert not any(f.startswith(("capture/", "app/sitebuild/")) for f in files)
+    # every module of the three packages is there, byte for byte as in the checkout (the site builder aside)
     for package in ("app", "analysis", "export"):
         for path in (ROOT / package).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("app/sitebuild/"):
+                continue
             assert wheel.read(rel) == path.read_bytes(), rel
+    assert (ROOT / "app" / "sitebuild" / "worker_start.js").is_file()  # the builder exists, and stayed out
     assert wheel.read("export/schema.json") == (ROOT / "export" / "schema.json").read_bytes()
     meta = wheel.read(f"diffviz-{VERSION}.dist-info/METADATA").decode()
     assert "Requires-Dist: torch" in meta and "extra == \"capture\"" in meta  # only behind the extra
@@ -108,21 +137,21 @@ def test_worker_installs_exactly_the_expected_requirements(built: Path) -> None:
     import panel.io.convert as convert
 
     worker = (built / "app.js").read_text(encoding="utf-8")
-    requirements = site.parse_worker_requirements(worker)
+    requirements = parse_worker_requirements(worker)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     ours = []
     for spec in pyproject["project"]["dependencies"]:
         req = Requirement(spec)
         if req.name in ("panel", "bokeh"):
             continue  # panel convert's own pinned wheels below
-        if req.name in ("holoviews", "param"):
+        if req.name == "param":
             ours.append(f"{req.name}=={metadata.version(req.name)}")
         else:
             ours.append(str(req))
     expected = [convert.BOKEH_CDN_WHL, convert.PANEL_CDN_WHL, "pyodide-http",
                 f"emfs:packed_wheels/diffviz-{VERSION}-py3-none-any.whl", *ours]
     assert requirements == expected
-    assert "holoviews==" + metadata.version("holoviews") in requirements
+    assert not [r for r in requirements if r.startswith("holoviews")]  # nothing imports it: not downloaded
     # Pyodide from the CDN Panel targets, loaded once, by the worker
     assert re.findall(r'const DIFFVIZ_PYODIDE_URL = "([^"]+)";', worker) == [convert.PYODIDE_URL]
     assert worker.count("importScripts(") == 1
@@ -189,7 +218,7 @@ def test_reader_url_source_reads_the_site_over_http(built: Path) -> None:
 
 # ============================================================================ bad input
 def _cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    code = site.main(argv)
+    code = cli.main(argv)
     err = capsys.readouterr().err
     return code, err
 
@@ -272,7 +301,7 @@ def test_rebuild_replaces_a_build_and_a_failed_build_keeps_it(built: Path, runs:
     links = re.findall(r'<link\b[^>]*\bhref="([^"]+)"', html)
     assert links and all(url.startswith(base) or not re.match(r"https?://", url) for url in links), links
     tags = scripts + links
-    requirements = site.parse_worker_requirements(worker)
+    requirements = parse_worker_requirements(worker)
     wheels = [r for r in requirements if r.endswith(".whl") and not r.startswith("emfs:")]
     assert [w.rsplit("/", 1)[-1].split("-")[0] for w in wheels] == ["bokeh", "panel"]
     assert all(w.startswith(base + "panel/") for w in wheels)
@@ -280,16 +309,16 @@ def test_rebuild_replaces_a_build_and_a_failed_build_keeps_it(built: Path, runs:
     assert f'const DIFFVIZ_PANEL_CDN_ROOT = "{base}panel/";' in worker
     assert f'const DIFFVIZ_INDEX_URL = "{base}pypi";' in worker
     assert not re.search(r"https?://(?!assets\.invalid/)", "\n".join(tags + requirements))
-    report = json.loads((out / site.MARKER).read_text())
+    report = json.loads((out / MARKER).read_text())
     assert report["self_hosted"] == base and report["datasets"] == ["datasets/compare", "datasets/default"]
     assert report["default_dataset"] == "datasets/default"
-    assert report["page_links_elsewhere"] == []
+    assert report["page_links_elsewhere"] == [] and report["hosts_named"] == {}
 
     # a build that fails (here: the app raises while being converted) leaves the last good build as it was
     before = tree(out)
     broken = tmp_path / "broken_main.py"
     broken.write_text("raise RuntimeError('the app is broken on purpose')\n")
-    monkeypatch.setattr(site, "ENTRY", broken)
+    monkeypatch.setattr(build, "ENTRY", broken)
     code, err = _cli(["--out", str(out), "--dataset", str(runs / "default")], capsys)
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "the app is broken on purpose" in err, err
@@ -298,12 +327,13 @@ def test_rebuild_replaces_a_build_and_a_failed_build_keeps_it(built: Path, runs:
 
 
 def test_worker_template_refuses_an_unknown_panel_template() -> None:
-    with pytest.raises(site.SiteError, match="not the shape"):
-        site.worker_template_source("importScripts('x');\nfunction sendPatch() {}\nstartApplication()\n")
+    with pytest.raises(SiteError, match="not the shape"):
+        worker_template_source("importScripts('x');\nfunction sendPatch() {}\nstartApplication()\n")
 
 
 @pytest.mark.parametrize("files, expect", [
     ({"capture/__init__.py": ""}, "holds capture"),
+    ({"app/sitebuild/__init__.py": ""}, "holds app/sitebuild/"),
     ({"app/views/x.py": "def f():\n    import torch\n"}, "app/views/x.py imports torch"),
     ({"export/y.py": "from diffusers import UNet2DConditionModel\n"}, "imports diffusers"),
     ({"app/__init__.py": "from ..capture import run\n"}, "app/__init__.py imports capture,"),
@@ -317,11 +347,11 @@ def test_verify_wheel_refuses_torch_and_capture(files: dict[str, str], expect: s
         for name, text in {**base, **files}.items():
             zf.writestr(name, text)
     if expect is None:
-        assert site.verify_wheel(wheel)["files"]
-        assert site.wheel_requirements(wheel) == ["numpy>=1.24"]
+        assert sitewheel.verify_wheel(wheel)["files"]
+        assert sitewheel.wheel_requirements(wheel) == ["numpy>=1.24"]
     else:
-        with pytest.raises(site.SiteError, match=re.escape(expect)):
-            site.verify_wheel(wheel)
+        with pytest.raises(SiteError, match=re.escape(expect)):
+            sitewheel.verify_wheel(wheel)
 
 
 def test_pages_workflow_builds_the_site_without_torch_and_deploys_it() -> None:
@@ -340,3 +370,18 @@ def test_pages_workflow_builds_the_site_without_torch_and_deploys_it() -> None:
     assert len(upload) == 1 and upload[0]["with"]["path"] == "site"
     assert workflow["jobs"]["deploy"]["needs"] == "build"
     assert [s["uses"].split("@")[0] for s in deploy] == ["actions/deploy-pages"]
+
+
+def test_foreign_hosts_names_every_other_host_in_the_sites_own_files(tmp_path: Path) -> None:
+    from app.sitebuild.inputs import SelfHosted
+
+    (tmp_path / "app.html").write_text('<svg xmlns="http://www.w3.org/2000/svg"></svg>'
+                                       '<link rel="stylesheet" href="https://fonts.example.com/css?family=x">'
+                                       '<script src="https://assets.invalid/bokeh/bokeh.min.js"></script>'
+                                       '{"value":"http://127.0.0.1:8765"}')
+    (tmp_path / "app.js").write_text('importScripts("//cdn.example.org/pyodide.js");')
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / "pyodide.js").write_text('"https://vendor-only.example.net/"')  # not the site's own file
+    hosted = SelfHosted(base="https://assets.invalid/")
+    assert page.foreign_hosts(tmp_path, hosted) == {"cdn.example.org": ["app.js"], "fonts.example.com": ["app.html"]}
+    assert "assets.invalid" in page.foreign_hosts(tmp_path, None)

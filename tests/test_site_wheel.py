@@ -2,7 +2,7 @@
 
 Offline and quick: the venv is made ``--without-pip`` and has no access to the main venv's
 site-packages; pip (the main venv's, pointed at it with ``--python``) installs only our wheel
-there. The base dependencies (numpy, panel, holoviews, ... and what they need) are linked in one
+there. The base dependencies (numpy, panel, param, ... and what they need) are linked in one
 by one from the main venv, following ``Requires-Dist`` from our wheel's metadata: torch is not
 among them, so ``import torch`` fails in the clean venv, and ``pip check`` proves that what is
 linked is exactly what the wheel's metadata asks for.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-import app.site as site
+from app.sitebuild.wheel import build_wheel
 from tests.synthetic import write_synthetic_run
 
 FORBIDDEN = ("torch", "diffusers", "transformers", "capture")
@@ -65,7 +65,7 @@ def link_distribution(dist: metadata.Distribution, into: Path) -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
-    return site.build_wheel(work / "dist", work, log=lambda _msg: None)
+    return build_wheel(work / "dist", work, log=lambda _msg: None)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,7 @@ def test_packages_import_from_the_wheel_without_torch(clean_venv: Path, wheel: P
     code = f"""
 import importlib, importlib.util, json, sys
 missing = [m for m in {list(FORBIDDEN)!r} if importlib.util.find_spec(m) is not None]
+builder = importlib.util.find_spec("app.sitebuild") is not None
 try:
     import torch
     torch_import = "imported"
@@ -120,13 +121,14 @@ except ModuleNotFoundError as exc:
 files = {{}}
 for name in {modules!r}:
     files[name] = importlib.import_module(name).__file__
-print(json.dumps({{"present": missing, "torch": torch_import, "files": files,
+print(json.dumps({{"present": missing, "builder": builder, "torch": torch_import, "files": files,
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in {list(FORBIDDEN)!r})}}))
 """
     proc = run_in(clean_venv, code, cwd=tmp_path)  # cwd holds datasets/default, which app.main opens
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["present"] == [] and out["torch"] == "torch" and out["loaded"] == []
+    assert out["builder"] is False  # the site builder is not in the browser wheel
     # every module came from the clean venv's installed wheel, not from the checkout
     assert len(out["files"]) == len(modules)
     assert all(Path(f).resolve().is_relative_to(clean_venv.resolve()) for f in out["files"].values()), out["files"]

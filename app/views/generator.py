@@ -5,6 +5,9 @@
 * A form with the generator's settings: prompt, negative prompt, CFG scale, steps, seed, layer
   patterns, attention resolutions and model (the bridge's allow-list). The bridge checks them with the
   CLI's own rules; a refusal is shown with the name of the setting.
+* For the toy model the bridge lists its vocabulary (``GET /``, ``models[].vocabulary``); it is shown
+  under the prompt, and a prompt with other words is refused here, as you type, before it is sent
+  (the bridge refuses it too, with the same line).
 * "Generate" submits the job and polls ``GET /jobs/{id}`` with a periodic callback: a progress bar and
   the stage (loading model, step k/N with an ETA, analysis, writing, validating). "Cancel" stops it.
 * When the job is done, ``State.dataset`` becomes the run's URL on the bridge
@@ -15,6 +18,8 @@ It talks to the bridge only through :mod:`app.bridge_client` (HTTP); it never im
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
 from typing import Any
 
 import panel as pn
@@ -28,10 +33,33 @@ from app.views.common import CSS
 POLL_MS = 400
 #: Steps of the progress bar (the bridge reports a fraction 0..1).
 BAR_MAX = 1000
+#: Words as the toy tokenizer splits them; the same pattern as ``capture.toyworld.vocabulary`` (which the
+#: app may not import; tests/test_bridge_client.py checks that the two agree).
+_WORD = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d+")
+_MAX_LISTED, _MAX_WORD_CHARS = 10, 24
+
+
+def unknown_words(text: str, vocabulary: list[str]) -> list[str]:
+    """The distinct words of ``text`` (lower-cased, punctuation aside) not in ``vocabulary``, in order."""
+    known = {w.lower() for w in vocabulary}
+    out: list[str] = []
+    for word in _WORD.findall(unicodedata.normalize("NFC", text or "").lower()):
+        if word not in known and word not in out:
+            out.append(word)
+    return out
+
+
+def refusal(flag: str, unknown: list[str], vocabulary: list[str]) -> str:
+    """The bridge's one line for ``unknown`` words of setting ``flag`` (``--prompt``)."""
+    shown = [w if len(w) <= _MAX_WORD_CHARS else w[:_MAX_WORD_CHARS - 1] + "…" for w in unknown[:_MAX_LISTED]]
+    more = f" (+{len(unknown) - _MAX_LISTED} more)" if len(unknown) > _MAX_LISTED else ""
+    noun = "word" if len(unknown) == 1 else "words"
+    return f"{flag}: unknown {noun} for the toy model: {', '.join(shown)}{more} (it knows: {', '.join(vocabulary)})"
 
 GENERATOR_CSS = CSS + """
 .dv-gen-status { font-size: 11pt; }
 .dv-gen-stage { font-size: 11pt; color: #333; }
+.dv-gen-words { font-size: 10pt; }
 """
 
 
@@ -49,6 +77,9 @@ class GeneratorPanel(pn.viewable.Viewer):
         self._callback = None
         self._defaults_applied = False
         self._polling = False
+        #: model value -> the only words it takes (the bridge lists them for the toy model)
+        self._vocabularies: dict[str, list[str]] = {}
+        self._words_refused = False  # the message says a prompt was not sent for its words
 
         # ---- bridge address and status
         self.url_box = pn.widgets.TextInput(label="Bridge address", value=self.bridge_url, sizing_mode="stretch_width",
@@ -60,11 +91,15 @@ class GeneratorPanel(pn.viewable.Viewer):
         self.check_button.on_click(self._on_check_click)
 
         # ---- the form (defaults are replaced by the bridge's own when it first answers)
+        # resizable=False: a resizable widget's host draws a grey resize grip beside the box
         self.prompt = pn.widgets.TextAreaInput(label="Prompt", placeholder="a red circle and a blue square", rows=2,
-                                               sizing_mode="stretch_width", tags=["dv:gen-prompt"],
+                                               sizing_mode="stretch_width", resizable=False, tags=["dv:gen-prompt"],
                                                css_classes=["dv-gen-prompt"])
         self.negative = pn.widgets.TextInput(label="Negative prompt", sizing_mode="stretch_width",
                                              tags=["dv:gen-negative"], css_classes=["dv-gen-negative"])
+        # the toy model's vocabulary, and the words of the prompt it does not know (as they are typed)
+        self.words = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[GENERATOR_CSS], visible=False,
+                                  css_classes=["dv-gen-words"], tags=["dv:gen-words"])
         self.cfg = pn.widgets.FloatInput(label="CFG scale", value=7.5, step=0.5, start=0, width=120,
                                          tags=["dv:gen-cfg"], css_classes=["dv-gen-cfg"])
         self.steps = pn.widgets.IntInput(label="Steps", value=30, start=1, width=120, tags=["dv:gen-steps"],
@@ -82,6 +117,11 @@ class GeneratorPanel(pn.viewable.Viewer):
                                             tags=["dv:gen-self-res"], css_classes=["dv-gen-self-res"])
         self.model = pn.widgets.Select(label="Model", options={"toyworld (embedded default)": "default"},
                                        value="default", width=260, tags=["dv:gen-model"])
+        # the latest text of each box: value_input follows each keystroke, value the committed text
+        self._texts: dict[Any, str] = {}
+        for widget in (self.prompt, self.negative):
+            widget.param.watch(self._on_text, ["value_input", "value"])
+        self.model.param.watch(self._on_words, "value")
         self.run_name = pn.widgets.TextInput(label="Run name (optional)", placeholder="a new name is made up",
                                              width=260, tags=["dv:gen-name"], css_classes=["dv-gen-name"])
 
@@ -106,7 +146,7 @@ class GeneratorPanel(pn.viewable.Viewer):
                          sizing_mode="stretch_width"),
             pn.Row(self.url_box, self.check_button, sizing_mode="stretch_width"),
             self.status,
-            self.prompt, self.negative,
+            self.prompt, self.negative, self.words,
             pn.Row(self.cfg, self.steps, self.seed, self.max_layers),
             self.layers,
             pn.Row(self.cross_res, self.self_res),
@@ -141,9 +181,7 @@ class GeneratorPanel(pn.viewable.Viewer):
         try:
             info = await self.client.info()
         except BridgeError as exc:
-            self.reachable = False
-            self.status.object = f"<div class='dv-warn'>✗ Bridge unreachable: {html.escape(str(exc))}<br>" \
-                                 "<span class='dv-note'>Start it in a terminal: <code>diffviz bridge</code></span></div>"
+            self._show_unreachable(exc)
             return False
         self.reachable = True
         self.status.object = (f"<div class='dv-ok'>✓ Bridge reachable at {html.escape(self.client.base)} "
@@ -152,8 +190,20 @@ class GeneratorPanel(pn.viewable.Viewer):
         self._apply_info(info)
         return True
 
+    def _show_unreachable(self, exc: BridgeError) -> None:
+        """The status line for a bridge that does not answer (or is no bridge): the client's own message,
+        which already says what failed, so the word "unreachable" is not said twice."""
+        self.reachable = False
+        text = str(exc)
+        text = text[:1].upper() + text[1:]
+        self.status.object = (f"<div class='dv-warn'>✗ {html.escape(text)}<br><span class='dv-note'>Start it in a "
+                              "terminal: <code>diffviz bridge</code></span></div>")
+
     def _apply_info(self, info: dict[str, Any]) -> None:
-        models = {m.get("label") or m["value"]: m["value"] for m in info.get("models", []) if m.get("value")}
+        listed = [m for m in info.get("models", []) if isinstance(m, dict) and m.get("value")]
+        models = {m.get("label") or m["value"]: m["value"] for m in listed}
+        self._vocabularies = {m["value"]: [str(w) for w in m["vocabulary"]] for m in listed
+                              if isinstance(m.get("vocabulary"), list) and m["vocabulary"]}
         if models:
             value = self.model.value if self.model.value in models.values() else next(iter(models.values()))
             self.model.param.update(options=models, value=value)
@@ -171,6 +221,43 @@ class GeneratorPanel(pn.viewable.Viewer):
                                 (self.cross_res, "attention_resolution"), (self.self_res, "self_attention_resolution")):
                 if defaults.get(key) is not None:
                     widget.value = defaults[key]
+        self._on_words()
+
+    # ---- the toy model's words ---------------------------------------------------------------------
+
+    @property
+    def vocabulary(self) -> list[str] | None:
+        """The only words the chosen model takes (the toy model's), or None when it is not restricted."""
+        return self._vocabularies.get(self.model.value)
+
+    def word_problems(self) -> list[str]:
+        """One line per field (prompt, negative prompt) whose words the chosen model does not know."""
+        vocabulary = self.vocabulary
+        if not vocabulary:
+            return []
+        out = []
+        for flag, widget in (("--prompt", self.prompt), ("--negative-prompt", self.negative)):
+            unknown = unknown_words(self._texts.get(widget, widget.value) or "", vocabulary)
+            if unknown:
+                out.append(refusal(flag, unknown, vocabulary))
+        return out
+
+    def _on_text(self, event: Any) -> None:
+        self._texts[event.obj] = event.new or ""
+        self._on_words()
+        if self._words_refused and not self.word_problems():  # the "Not sent" below is out of date
+            self._say("")
+
+    def _on_words(self, *_: Any) -> None:
+        vocabulary = self.vocabulary
+        if not vocabulary:
+            self.words.param.update(object="", visible=False)
+            return
+        lines = [f"<div class='dv-warn'>{html.escape(line)}</div>" for line in self.word_problems()]
+        if not lines:  # the refusal already lists the words; otherwise say them here
+            lines = [f"<span class='dv-note'>This model knows only these words: {html.escape(', '.join(vocabulary))}"
+                     "</span>"]
+        self.words.param.update(object="".join(lines), visible=True)
 
     # ---- the form ----------------------------------------------------------------------------------
 
@@ -207,14 +294,22 @@ class GeneratorPanel(pn.viewable.Viewer):
         if not (self.prompt.value or "").strip():
             self._say("Type a prompt first.", error=True)
             return None
+        self._on_words()
+        if self.word_problems():  # the line under the prompt names the words
+            self._say("Not sent: the model does not know some words of the prompt (see under the prompt).",
+                      error=True)
+            self._words_refused = True
+            return None
         self.generate_button.disabled = True
         self._say("")
         try:
             job = await self.client.submit(self.settings())
         except BridgeError as exc:
             self.generate_button.disabled = False
-            if exc.unreachable:
-                self.reachable = False
+            if exc.unreachable:  # said once, in the status line
+                self._show_unreachable(exc)
+                self._say("Not sent: the bridge does not answer (see its status above).", error=True)
+                return None
             where = f" (setting <b>{html.escape(exc.field)}</b>)" if exc.field else ""
             self._say(f"The bridge refused the job{where}: {html.escape(str(exc))}", error=True, raw=True)
             return None
@@ -297,6 +392,7 @@ class GeneratorPanel(pn.viewable.Viewer):
         self.stage.object = f"<span class='dv-gen-stage'>{html.escape(describe(job))}</span>"
 
     def _say(self, text: str, *, error: bool = False, raw: bool = False) -> None:
+        self._words_refused = False
         if not text:
             self.message.object = ""
             return

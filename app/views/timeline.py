@@ -18,13 +18,30 @@ from bokeh.models import ColumnDataSource, CustomJSTickFormatter, HoverTool, Spa
 from panel.io.document import hold
 
 from app.store import one_line
-from app.views.common import (ACCENT, View, curve_figure, guarded, held, image_figure, later, reported, rgba, rgba_data, rgba_source,
-                              set_image_extent)
+from app.views.common import (ACCENT, CSS, View, curve_figure, display_image, guarded, held, image_figure, later, reported, rgba,
+                              rgba_data, rgba_source, set_image_extent)
 from app.views.frames import FrameFiller, StepFrames
 
 
 #: The step slider's label: "12 / 29 · t = 581" (``tick`` is the step; ``t`` the run's timesteps).
 STEP_FORMAT = "return tick + ' / ' + last + '  ·  t = ' + (t[tick] === undefined ? '?' : t[tick]);"
+#: BokehJS redraws a slider's label when its value changes, not when its ``format`` does: a run with another step
+#: count (a new formatter) at the same step would keep the old run's "5 / 29 · t = …" until the slider moved.
+REDRAW_LABEL = """
+const view = Bokeh.index.find_one(cb_obj);
+if (view != null && typeof view._update_title === 'function') view._update_title();
+"""
+#: The Play toggle's labels; the pause sign U+23F8 is missing from common fonts (it draws as a box).
+PLAY, PAUSE = "▶ Play", "❚❚ Pause"
+HELP = ("<b>How to read this.</b> <b>x̂₀</b> is the model's current guess of the final image, decoded from the "
+        "latent at this step; beside it, where the run has one, the pipeline's final image. The curves follow the "
+        "latent x_s after each step: its L2 norm, and its cosine similarity to the previous step's latent (near 1: "
+        "the step changed little). Click a curve to jump to that step.")
+
+
+#: Frame sides (px) of the x̂0 preview and the final image, and the narrowest the curves beside them get:
+#: 370 + 210 + 350 px (with margins) fit the 940 px a 1280 px window leaves beside the sidebar.
+IMAGE_PX, FINAL_PX, CURVE_MIN_WIDTH = 360, 200, 340
 
 
 class StepSlider(pn.widgets.IntSlider):
@@ -43,11 +60,13 @@ class TimelineView(View):
         state = self.state
         self.slider = StepSlider(label="Step", start=0, end=1, value=0, sizing_mode="stretch_width", margin=(5, 12),
                                  tags=["dv:step"])
-        self.play = pn.widgets.Toggle(label="▶ Play", color="primary", width=90, margin=(18, 6, 5, 6), tags=["dv:play"])
+        self.play = pn.widgets.Toggle(label=PLAY, color="primary", width=90, margin=(18, 6, 5, 6), tags=["dv:play"])
         self.fps = pn.widgets.IntInput(label="fps", start=1, end=60, value=state.fps, width=70, tags=["dv:fps"])
         # The slider's label shows the step and its timestep, formatted in the browser, so a step change
         # costs no extra text update on the server.
         self.controls = pn.Row(self.play, self.fps, self.slider, sizing_mode="stretch_width")
+        self.slider.jscallback(format=REDRAW_LABEL)
+        self.help = pn.pane.HTML(f"<p class='dv-help'>{HELP}</p>", sizing_mode="stretch_width", stylesheets=[CSS], margin=(0, 10))
 
         self.slider.param.watch(held(lambda e: setattr(state, "step", int(e.new))), "value")
         self.play.param.watch(lambda e: setattr(state, "playing", bool(e.new)), "value")
@@ -59,22 +78,24 @@ class TimelineView(View):
         self.image_source = rgba_source("timeline-image")
         self.frames = StepFrames("timeline-image", ["image"], np.zeros((1, 1), np.uint32))
         self.filler = FrameFiller(later)
-        self.image_fig = image_figure("timeline-image-figure", "x̂₀ preview", px=400)
+        self.image_fig = image_figure("timeline-image-figure", "x̂₀ preview", px=IMAGE_PX)
         self.image_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source)
         # the pipeline's output (schema 2: images/final.png), shown only where the run has it
         self.final_source = rgba_source("timeline-final")
-        self.final_fig = image_figure("timeline-final-figure", "final image (pipeline output)", px=240, tools="")
+        self.final_fig = image_figure("timeline-final-figure", "final image (pipeline output)", px=FINAL_PX, tools="save")
         self.final_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.final_source)
         # shown and hidden through a layout: toggling a rendered ``pn.pane.Bokeh``'s own ``visible`` fails in
         # Panel 1.9 (it copies the figure's stylesheet objects into a list of strings: TypeError)
-        self.final_pane = pn.Column(pn.pane.Bokeh(self.final_fig), visible=False, margin=0)
+        self.final_pane = pn.Column(pn.pane.Bokeh(self.final_fig, sizing_mode="fixed"), visible=False, margin=0, sizing_mode="fixed")
 
         # curves, with the current step marked
         self.curve_source = ColumnDataSource(name="timeline-curves", data={"step": [], "norm": [], "cosine": [], "t": []})
         self.current_source = ColumnDataSource(name="timeline-current", data={"step": [0], "norm": [np.nan], "cosine": [np.nan]})
-        self.norm_fig = curve_figure("timeline-norm-figure", "Latent L2 norm ‖x_s‖₂", "‖x‖₂", height=210, width=640)
+        # the curves take the width the images leave (at least CURVE_MIN_WIDTH), so the tab fits a 1280 px window
+        curve = dict(height=220, width=CURVE_MIN_WIDTH, min_width=CURVE_MIN_WIDTH, sizing_mode="stretch_width")
+        self.norm_fig = curve_figure("timeline-norm-figure", "Latent L2 norm ‖x_s‖₂", "‖x‖₂", **curve)
         self.cos_fig = curve_figure("timeline-cosine-figure", "Cosine to previous latent", "cos(x_s, x_s−1)",
-                                    height=210, width=640, x_range=self.norm_fig.x_range)
+                                    x_range=self.norm_fig.x_range, **curve)
         self.markers = []
         for fig, column, colour in ((self.norm_fig, "norm", "#1f77b4"), (self.cos_fig, "cosine", "#2ca02c")):
             line = fig.line("step", column, source=self.curve_source, line_width=2, color=colour)
@@ -100,10 +121,16 @@ class TimelineView(View):
     # ---- layout ------------------------------------------------------------------------------
 
     def __panel__(self) -> Any:
-        return pn.Row(
-            pn.pane.Bokeh(self.image_fig),
-            self.final_pane,
-            pn.Column(pn.pane.Bokeh(self.norm_fig), pn.pane.Bokeh(self.cos_fig)),
+        stretch = dict(sizing_mode="stretch_width", margin=0)
+        return pn.Column(
+            self.help,
+            pn.Row(
+                pn.pane.Bokeh(self.image_fig, sizing_mode="fixed"),  # a stretching Row would widen its frame
+                self.final_pane,
+                pn.Column(pn.pane.Bokeh(self.norm_fig, **stretch), pn.pane.Bokeh(self.cos_fig, **stretch), **stretch),
+                **stretch,
+            ),
+            **stretch,
         )
 
     # ---- updates -------------------------------------------------------------------------------
@@ -137,7 +164,8 @@ class TimelineView(View):
             self.curve_source.data = {"step": [], "norm": [], "cosine": [], "t": []}
             return
         n = data.n_steps
-        self.frames.reset(id(data), n, frame_bytes=4 * data.height * data.width)
+        shown = display_image(np.zeros((data.height, data.width, 3), np.uint8)).shape  # the size each step is sent at
+        self.frames.reset(id(data), n, frame_bytes=4 * shown[0] * shown[1])
         set_image_extent(self.image_fig, data.height, data.width)
         self._show_final(data.final_image())
         self.curve_source.data = {
@@ -160,7 +188,7 @@ class TimelineView(View):
         step = min(self.state.step, data.n_steps - 1)
         image = data.image(step)
         h, w = image.shape[:2]
-        packed = rgba(image)
+        packed = rgba(display_image(image))
         self.image_source.data = {"image": [packed], "x": [0], "y": [0], "dw": [w], "dh": [h], "step": [step]}
         self.frames.put(step, {"image": packed})
         self._fill_frames()
@@ -178,10 +206,9 @@ class TimelineView(View):
 
     def _fill_frame(self, step: int) -> None:
         try:
-            self.frames.put(step, {"image": rgba(self.data.image(step))})
-        except Exception as exc:  # noqa: BLE001 - a broken file shows in the banner now, not only when its step is shown
+            self.frames.put(step, {"image": rgba(display_image(self.data.image(step)))})
+        except Exception:  # noqa: BLE001 - a step whose file is broken is reported when it is shown, not ahead
             self.frames.skip(step)
-            self.report(one_line(exc))
 
     def _on_tap(self, event: Any) -> None:
         data = self.data
@@ -192,7 +219,7 @@ class TimelineView(View):
     # ---- playback ------------------------------------------------------------------------------
 
     def _on_playing(self, event: Any) -> None:
-        self.play.param.update(value=bool(event.new), label="⏸ Pause" if event.new else "▶ Play")
+        self.play.param.update(value=bool(event.new), label=PAUSE if event.new else PLAY)
         if event.new and self._callback is None:
             self._callback = pn.state.add_periodic_callback(self._tick, period=self._period())
         elif not event.new and self._callback is not None:

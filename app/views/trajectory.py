@@ -16,7 +16,8 @@ from bokeh.models import ColorBar, ColumnDataSource, CustomJS, HoverTool
 from bokeh.plotting import figure
 from bokeh.transform import linear_cmap
 
-from app.views.common import ACCENT, PALETTES, View, held, guarded, image_figure, rgba, rgba_source, set_image_extent, style
+from app.views.common import (ACCENT, CSS, PALETTES, View, fit_to_data, guarded, held, image_figure, rgba, rgba_source,
+                              set_image_extent, style)
 
 HOVER_JS = """
 const hit = cb_data.index.indices;
@@ -24,6 +25,9 @@ if (hit.length === 0) return;
 const step = points.data.step[hit[0]];
 if (hover.data.step[0] !== step) { hover.data = {step: [step]}; }
 """
+HELP = ("<b>How to read this.</b> Each point is the latent after one step, projected on the two directions along "
+        "which this run's latents vary most (PCA; each axis says how much of the variance it keeps). Close points: "
+        "steps that changed the latent little. Hover a point to preview its step; click it to select that step.")
 
 
 class TrajectoryView(View):
@@ -34,7 +38,7 @@ class TrajectoryView(View):
         self.hover = ColumnDataSource(name="trajectory-hover", data={"step": [-1]})
 
         self.fig = figure(name="trajectory-figure", title="Latent trajectory (PCA of the latent after each step)",
-                          width=560, height=480, tools="tap,pan,wheel_zoom,reset", toolbar_location="right",
+                          width=560, height=480, tools="tap,pan,wheel_zoom,reset,save", toolbar_location="right",
                           match_aspect=False)
         self.cmap = linear_cmap("step", PALETTES["viridis"], 0, 1)
         self.fig.line("x", "y", source=self.points, color="#999999", line_width=1.5)
@@ -46,12 +50,14 @@ class TrajectoryView(View):
                                      major_label_text_font_size="10pt"), "right")
         self.fig.toolbar.active_scroll = None
         style(self.fig)
+        fit_to_data(self.fig)
         self.fig.on_event(Tap, held(self._on_tap))
 
         self.preview_source = rgba_source("trajectory-preview")
         self.preview = image_figure("trajectory-preview-figure", "selected step", px=240)
         self.preview.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.preview_source)
         self.note = pn.pane.HTML("", styles={"font-size": "10.5pt", "color": "#555"}, width=250)
+        self.help = pn.pane.HTML(f"<p class='dv-help'>{HELP}</p>", sizing_mode="stretch_width", stylesheets=[CSS], margin=(0, 10))
 
         self.hover.on_change("data", held(self._on_hover))
         self.state.param.watch(self._on_step, "step")
@@ -59,7 +65,8 @@ class TrajectoryView(View):
         self._on_run()
 
     def __panel__(self) -> Any:
-        return pn.Row(pn.pane.Bokeh(self.fig), pn.Column(pn.pane.Bokeh(self.preview), self.note))
+        return pn.Column(self.help, pn.Row(pn.pane.Bokeh(self.fig), pn.Column(pn.pane.Bokeh(self.preview), self.note)),
+                         sizing_mode="stretch_width")
 
     def refresh(self) -> None:
         self._on_run()

@@ -7,9 +7,11 @@ It wraps the very same code as ``diffviz generate`` (``capture.run.generate`` wi
 ``capture.config.GenerateConfig`` checked by the CLI's own rules) behind a small JSON API, served by
 tornado (which the stack already ships through bokeh/panel), bound to 127.0.0.1 only:
 
-    GET    /                    what this bridge is: version, datasets folder, allowed models, defaults, limits
+    GET    /                    what this bridge is: version, datasets folder, allowed models (a toy model
+                                with its ``vocabulary``), defaults, limits
     POST   /jobs                start a generation (JSON body: the CLI's settings by field name, plus an
-                                optional run ``name``) -> 202 + the job; 400 naming the field on a bad value
+                                optional run ``name``) -> 202 + the job; 400 naming the field on a bad value,
+                                and for the toy model on a prompt word it does not know
     GET    /jobs                every job this bridge knows (newest first)
     GET    /jobs/{id}           state, stage, step, total, fraction, ETA, error
     DELETE /jobs/{id}           cancel (a queued job never starts; a running one stops, leaving nothing behind)

@@ -142,9 +142,17 @@ class ModelAllowList:
         raise RequestError(403, f"model: {shown(value)} is not in this bridge's allow-list; start the bridge with "
                                 f"--allow-model {value if len(value) <= 200 else 'PATH'} to allow it", "model")
 
-    def listing(self) -> list[dict[str, str]]:
-        out = [{"value": "default", "label": "toyworld (embedded default)"}]
-        out += [{"value": given, "label": given} for given, _ in self.entries]
+    def listing(self) -> list[dict[str, Any]]:
+        """The models a request may name; a toy model carries its ``vocabulary`` (the only words it takes)."""
+        from capture.toyworld import vocabulary
+
+        words = list(vocabulary.VOCABULARY)
+        out: list[dict[str, Any]] = [{"value": "default", "label": "toyworld (embedded default)", "vocabulary": words}]
+        for given, _ in self.entries:
+            entry: dict[str, Any] = {"value": given, "label": given}
+            if vocabulary.is_toy_model(given):
+                entry["vocabulary"] = words
+            out.append(entry)
         return out
 
 

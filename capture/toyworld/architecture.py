@@ -12,6 +12,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from capture.toyworld.world import VOCABULARY
+
 IMAGE_SIZE = 32
 #: The VAE downsamples by 4: 32×32 RGB images <-> 8×8×8 latents (see ``build_pipeline``).
 VAE_FACTOR = 4
@@ -20,12 +22,8 @@ LATENT_CHANNELS = 8
 CONTEXT_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
-#: Every word the toy world's caption grammar can produce.
-DEFAULT_WORDS: tuple[str, ...] = (
-    "a", "and", "on", "the", "left", "right", "top", "bottom", "small", "big",
-    "red", "green", "blue", "yellow",
-    "circle", "square", "triangle",
-)
+#: Every word the toy world's caption grammar can produce (``world.VOCABULARY``).
+DEFAULT_WORDS: tuple[str, ...] = VOCABULARY
 
 
 def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS) -> CLIPTokenizer:

@@ -25,7 +25,7 @@ import numpy as np
 
 IMAGE_SIZE = 32
 MAX_OBJECTS = 3
-#: Words the caption grammar may use, besides BOS/EOS: keep in step with architecture.DEFAULT_WORDS.
+#: Words a caption may have at most (the 16-token context less BOS and EOS).
 MAX_WORDS = 14
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -37,7 +37,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIDES: tuple[str, ...] = ("left", "right", "top", "bottom")
+SIZE_WORDS: tuple[str, ...] = ("small", "big")
+FUNCTION_WORDS: tuple[str, ...] = ("a", "and", "on", "the")
 BACKGROUND = (255, 255, 255)
+
+#: Every word the caption grammar can produce, in the order the shipped tokenizer numbers them
+#: (``architecture.build_tokenizer`` makes one token per word): the toy model knows these and no others.
+VOCABULARY: tuple[str, ...] = FUNCTION_WORDS + SIDES + SIZE_WORDS + COLOUR_NAMES + SHAPES
 
 #: Object extent (pixels, both axes) is drawn from [MIN_SIZE, MAX_SIZE].
 MIN_SIZE, MAX_SIZE = 8, 14
@@ -174,7 +180,7 @@ def describe(scenes: Scenes, rng: np.random.Generator, *, p_size: float = 0.3, p
             slot = int(slot)
             phrase: list[tuple[str, int]] = [("a", -1)]
             size = int(scenes.size[i, slot])
-            size_word = "small" if size <= SMALL_MAX else "big" if size >= BIG_MIN else None
+            size_word = SIZE_WORDS[0] if size <= SMALL_MAX else SIZE_WORDS[1] if size >= BIG_MIN else None
             if size_word and rng.random() < p_size:
                 phrase.append((size_word, 2))
             phrase.append((COLOUR_NAMES[scenes.colour[i, slot]], 0))

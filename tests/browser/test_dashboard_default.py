@@ -44,8 +44,9 @@ def test_opens_on_the_default_run_or_says_it_is_missing(panel_server, browser, b
         (artifacts / "dashboard-default-missing.png").unlink(missing_ok=True)
         meta = json.loads((DEFAULT / "metadata.json").read_text())
         page.get_by_text(f"“{meta['run']['prompt']}”").first.wait_for()
-        shown = bp.wait_values("timeline-image", "image", packed(DEFAULT, 0))
-        assert np.array_equal(bp.array(shown[0]), packed(DEFAULT, 0))
+        last = len(meta["timesteps"]) - 1  # a session opens at the last step
+        shown = bp.wait_values("timeline-image", "image", packed(DEFAULT, last))
+        assert np.array_equal(bp.array(shown[0]), packed(DEFAULT, last))
         assert bp.widget("dv:step", "end") == len(meta["timesteps"]) - 1
         bp.set_widget("dv:step", 12)
         page.wait_for_timeout(500)

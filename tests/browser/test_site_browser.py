@@ -17,11 +17,14 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
-import app.site as site
+from app.sitebuild.base import VENDOR
+from app.sitebuild.build import build_site
+from app.sitebuild.page import external_references, index_html
+from app.sitebuild.worker import parse_worker_requirements
 from diffviz import __version__ as VERSION
 from tests.synthetic import write_synthetic_run
 
@@ -29,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 NPM_PYODIDE = ROOT / "node_modules" / "pyodide"
 SELFHOST_WHEELS = ROOT / "node_modules" / ".diffviz-wheels"
 BOOT_TIMEOUT_MS = 240_000  # Pyodide's wasm compiles on 2 shared cores
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def offline(context: Any) -> list[str]:
@@ -57,7 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cdn_site(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cdn") / "site"
-    site.build_site(out, [runs / "default"], log=lambda _msg: None)
+    build_site(out, [runs / "default"], log=lambda _msg: None)
     return out
 
 
@@ -89,7 +97,7 @@ def pyodide_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def hosted_site(runs: Path, pyodide_host: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hosted") / "site"
-    site.build_site(out, [runs / "default"], self_hosted=str(pyodide_host), log=lambda _msg: None)
+    build_site(out, [runs / "default"], self_hosted=str(pyodide_host), log=lambda _msg: None)
     return out
 
 
@@ -113,7 +121,7 @@ def test_index_opens_the_app_and_the_worker_asks_for_pyodide(cdn_site: Path, sta
     assert text.startswith(f"Failed to load Pyodide from {convert.PYODIDE_URL}: "), text
     # the worker asked for Panel's Pyodide; the page only for what app.html links; nothing else went out
     assert convert.PYODIDE_URL in blocked
-    expected = {convert.PYODIDE_URL} | set(site.external_references(cdn_site, None))
+    expected = {convert.PYODIDE_URL} | set(external_references(cdn_site, None))
     assert {unquote(url) for url in blocked} <= expected
     scripts = re.findall(r'<script\b[^>]*\bsrc="(https?://[^"]+)"', (cdn_site / "app.html").read_text())
     assert scripts and {unquote(url) for url in blocked} >= set(scripts)
@@ -127,7 +135,7 @@ def test_index_opens_the_app_and_the_worker_asks_for_pyodide(cdn_site: Path, sta
 def test_index_adds_the_first_dataset_only_when_none_is_asked_for(query: str, expected: str, tmp_path: Path,
                                                                   static_server: Any, context: Any) -> None:
     """A site whose first run is not "default": index.html names it unless the query names one."""
-    (tmp_path / "index.html").write_text(site.index_html("datasets/first"))
+    (tmp_path / "index.html").write_text(index_html("datasets/first"))
     (tmp_path / "app.html").write_text("<!doctype html><title>app</title>")
     base = static_server(tmp_path)
     offline(context)
@@ -145,7 +153,7 @@ def project_name(requirement: str) -> str:
 
 def host_has(host: Path, requirement: str) -> bool:
     """Whether the self-hosted folder provides ``requirement``: a wheel under vendor/, a Pyodide package, an index entry."""
-    vendor = f"./{site.VENDOR}/"
+    vendor = f"./{VENDOR}/"
     if requirement.startswith(vendor):
         return (host / requirement[len(vendor):]).is_file()
     entry = json.loads((host / "pyodide" / "pyodide-lock.json").read_text())["packages"].get(project_name(requirement).lower())
@@ -177,11 +185,14 @@ def test_self_hosted_pyodide_boots_installs_our_wheel_and_names_what_fails(
     assert "Loaded pyodide!" in console
     assert f"diffviz: installed diffviz-{VERSION}-py3-none-any.whl" in console
     assert blocked == [], "with --self-hosted nothing may be fetched from anywhere else"
+    # not even another port on this machine: every request is for the page's own origin
+    fetched = [url for url in requests if not url.startswith(("data:", "blob:"))]
+    assert fetched and {origin(url) for url in fetched} == {base}, sorted({origin(url) for url in fetched})
 
     match = re.fullmatch(r"Failed to install (.+?): (.+)", text)
     assert match, text
     failed = [name.strip() for name in re.sub(r"\(for .*?\)", "", match.group(1)).split(",")]
-    requirements = site.parse_worker_requirements((hosted_site / "app.js").read_text())
+    requirements = parse_worker_requirements((hosted_site / "app.js").read_text())
     by_name = {project_name(r): r for r in requirements if not r.startswith("emfs:")}
     first = failed[0]
     assert first not in ("diffviz", "micropip", "Pyodide")

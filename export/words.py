@@ -1,0 +1,92 @@
+"""Prompt words of a run: token labels, sub-words merged into words, and which words carry content.
+
+The dashboard's token selector and ``diffviz export-figure`` both read words from here, so a word is
+labelled, merged and judged "content" the same way in both. Plain Python (it runs in Pyodide too).
+
+    from export.words import words
+    for word in words(run.metadata["tokens"], run.metadata.get("words") or []):
+        word.label, word.rows, word.content     # "circle", (3,), True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+#: Words that are never a prompt's subject: skipped for the default token and the default word grid.
+FUNCTION_WORDS = frozenset("a an the and or of on in at to with by for from over under is are , .".split())
+
+
+@dataclass(frozen=True)
+class Word:
+    """One entry of the prompt: a word (its sub-word tokens merged), a special token, or a token with no word."""
+
+    label: str
+    #: stored token indices (rows of a ``[T, h, w]`` stack), in prompt order
+    rows: tuple[int, ...]
+    #: not a special token and not a function word
+    content: bool
+    #: ``metadata.words`` index, None for special tokens and tokens outside every word
+    word: int | None = None
+
+
+def clean_token(text: Any) -> str:
+    """A tokenizer piece as shown: CLIP's end-of-word mark ``</w>`` dropped; an empty piece as ``␣``."""
+    text = str(text)
+    if text.endswith("</w>"):
+        text = text[:-4]
+    return text or "␣"
+
+
+def token_text(token: Mapping[str, Any]) -> str:
+    """The label of one ``metadata.tokens`` record: ``<start>``/``<end>`` for special tokens."""
+    if token.get("special"):
+        text = str(token.get("text", ""))
+        return "<start>" if "start" in text else "<end>" if "end" in text else text
+    return clean_token(token.get("text", ""))
+
+
+def word_of(token: Mapping[str, Any]) -> int | None:
+    word = token.get("word")
+    return None if word is None else int(word)
+
+
+def is_content(tokens: Sequence[Mapping[str, Any]], rows: Sequence[int]) -> bool:
+    """True when some row is a non-special token whose text is not a function word (the dashboard's
+    rule for its first token: a word counts when any of its sub-word pieces does)."""
+    return any(not tokens[i].get("special") and token_text(tokens[i]).lower() not in FUNCTION_WORDS for i in rows)
+
+
+def words(tokens: Sequence[Mapping[str, Any]], word_list: Sequence[str] | None = None) -> list[Word]:
+    """Every entry of the prompt in order of its first token: one :class:`Word` per ``metadata.words``
+    entry (its tokens merged), and one per token that belongs to no word (special tokens included).
+
+    A word's label is ``word_list[word]`` when the list has it, else its pieces joined."""
+    word_list = list(word_list or [])
+    rows_of: dict[int, list[int]] = {}
+    for i, token in enumerate(tokens):
+        word = word_of(token)
+        if word is not None:
+            rows_of.setdefault(word, []).append(i)
+    out: list[Word] = []
+    for i, token in enumerate(tokens):
+        word = word_of(token)
+        if word is None:
+            out.append(Word(token_text(token), (i,), is_content(tokens, [i]), None))
+            continue
+        rows = rows_of[word]
+        if rows[0] != i:
+            continue  # a later piece of a word already listed
+        label = word_list[word] if 0 <= word < len(word_list) else "".join(token_text(tokens[r]) for r in rows)
+        out.append(Word(str(label), tuple(rows), is_content(tokens, rows), word))
+    return out
+
+
+def content_words(tokens: Sequence[Mapping[str, Any]], word_list: Sequence[str] | None = None) -> list[Word]:
+    return [w for w in words(tokens, word_list) if w.content]
+
+
+def default_token(tokens: Sequence[Mapping[str, Any]]) -> int:
+    """The token shown first: the first content token of the prompt, else the first non-special one, else 0."""
+    plain = [i for i, token in enumerate(tokens) if not token.get("special")]
+    content = [i for i in plain if is_content(tokens, [i])]
+    return (content or plain or [0])[0]
