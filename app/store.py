@@ -419,10 +419,6 @@ class RunData:
             self._memo.popitem(last=False)
         return value
 
-    def token_share(self, layer: str | int, step: int, head: str = MEAN_HEAD) -> np.ndarray:
-        """Each prompt token's share of the stored attention mass at ``layer``/``step`` (sums to 1)."""
-        return _metrics.token_distribution(self.cross_all_tokens(layer, step, head))
-
     # ---- self attention ----------------------------------------------------------------
 
     def probe_layer_map(self, layer: int, step: int, qx: float, qy: float) -> np.ndarray:
@@ -469,15 +465,6 @@ class RunData:
     def kl_curve(self, layer: str | int) -> np.ndarray | None:
         """KL(p_s || p_{s-1}) for steps 1..N-1 (``[N-1]``)."""
         return self._per_layer("kl_consecutive", layer)
-
-    def entropy_by_layer(self, step: int) -> tuple[list[str], np.ndarray]:
-        """Entropy of every cross layer at ``step`` (labels, values)."""
-        labels, values = [], []
-        for index in self.cross_layers:
-            curve = self.entropy_curve(index)
-            labels.append(f"L{index}")
-            values.append(float(curve[step]) if curve is not None and step < len(curve) else np.nan)
-        return labels, np.asarray(values, dtype=np.float64)
 
     def pca_coords(self) -> np.ndarray:
         coords = self.pca.get("coords") or []
@@ -655,12 +642,14 @@ class Comparison:
             raise DatasetError(f"token '{self.a.token_label(sel.token, sel.merge)}' has no counterpart in run B")
         return replace(sel, layer=layer, token=paired[0] if paired else sel.token)
 
-    def heat_pair(self, sel: Selection) -> tuple[Heat, Heat, Heat]:
+    def heat_pair(self, sel: Selection, heat_a: Heat | None = None) -> tuple[Heat, Heat, Heat]:
         """A's map, B's map (same token, layer, step) on one colour scale, and A − B (B resampled to A's grid)
-        on a symmetric scale. Raises :class:`DatasetError` when B's map cannot be drawn."""
+        on a symmetric scale; ``heat_a``: A's map for ``sel`` when already drawn. Raises :class:`DatasetError`
+        when B's map cannot be drawn."""
         sel = self.a.fit_selection(sel)
         sel_b = self.selection_b(sel)
-        heat_a, heat_b = self.a.heat(sel), self.b.heat(sel_b)
+        heat_a = heat_a if heat_a is not None else self.a.heat(sel)
+        heat_b = self.b.heat(sel_b)
         low, high = _maps.shared_range(heat_a.map, heat_b.map)
         low = min(low, 0.0)
         diff = _maps.difference(heat_a.map, heat_b.map)

@@ -13,7 +13,7 @@ from analysis.divergence import map_js_divergence
 from analysis.trajectory import pca_2d, project
 from app.state import ALL_LAYERS
 from analysis.maps import resize
-from app.store import Comparison, RunData, Store, files_from_upload, resolve_source
+from app.store import Comparison, RunData, Selection, Store, files_from_upload, resolve_source
 from export.contract import DatasetError
 from tests.synthetic import write_synthetic_run
 
@@ -156,9 +156,10 @@ def test_token_share_and_metrics_views(runs, store):
     data = store.open(str(runs["a"]))
     maps = read_bin(runs["a"], "attention/cross/layer_2_step_004.bin")
     mass = maps.sum(axis=(1, 2))
-    np.testing.assert_allclose(data.token_share("2", 4), mass / mass.sum(), rtol=1e-6)
+    sel = Selection(step=4, layer="2", token=1)
+    np.testing.assert_allclose(data.shares(sel)[0], mass / mass.sum(), rtol=1e-6)
     metrics = json.loads((runs["a"] / "metrics.json").read_text())
-    names, values = data.entropy_by_layer(4)
+    names, values, _where = data.entropies(sel)
     assert names == ["L0", "L1", "L2"]
     np.testing.assert_allclose(values, [row[4] for row in metrics["entropy"]["per_layer"]])
     np.testing.assert_allclose(data.kl_curve("1"), metrics["kl_consecutive"]["per_layer"][1])
@@ -287,7 +288,7 @@ def test_per_head_maps_are_the_stored_heads_and_mean_is_the_reader_mean(wide, st
     np.testing.assert_allclose(mean, stored[:, 3].mean(axis=0), atol=1e-6)
     # token shares follow the head too
     mass = stored[1].sum(axis=(1, 2))
-    np.testing.assert_allclose(data.token_share("1", 2, head="1"), mass / mass.sum(), rtol=1e-6)
+    np.testing.assert_allclose(data.shares(Selection(step=2, layer="1", token=3, head="1"))[0], mass / mass.sum(), rtol=1e-6)
     # the heat map brought to the image keeps H and W apart
     heat = resize(data.cross_map("1", 2, 3, False, head="1"), data.height, data.width)
     assert heat.shape == (16, 32)
@@ -329,8 +330,6 @@ def test_state_fit_brings_the_state_inside_a_run(runs, store):
 
 
 def test_heat_pair_is_both_runs_maps_on_one_scale_and_their_difference(runs, store):
-    from app.store import Selection
-
     a, b = store.open(str(runs["a"])), store.open(str(runs["b"]))
     comparison = Comparison(a, b)
     sel = Selection(step=2, layer="1", token=2, merge=False)
@@ -350,8 +349,6 @@ def test_heat_pair_is_both_runs_maps_on_one_scale_and_their_difference(runs, sto
 
 def test_daam_mode_draws_image_bars_and_entropy_from_the_same_steps(runs, store):
     from analysis.metrics import token_distribution
-    from app.store import Selection
-
     data = store.open(str(runs["a"]))
     sel = Selection(step=0, layer="1", token=2, aggregate=True, first=1, last=3)
     heat = data.heat(sel)

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from app.state import ALL_LAYERS, MEAN_HEAD
 from analysis.maps import query_cell, resize
-from app.store import Selection
+from app.store import Heat, Selection
 from app.views.common import (ACCENT, CSS, DIVERGING, PALETTES, View, bar_figure, blank_rgba, curve_figure, guarded, held,
                               display_image, image_figure, later, reported, rgba, rgba_data, rgba_source, set_image_extent,
                               with_save)
@@ -274,8 +274,7 @@ class AttentionView(View):
     def _sync_controls(self) -> None:
         """Widgets show the state (the shell fitted it to the run); nothing here writes the state."""
         data, state = self.data, self.state
-        self.layer.param.update(groups=data.layer_groups(), value=data.drawn_layer("cross" if data.cross_layers else "self", state.layer)
-                                if state.layer not in data.layer_values() else state.layer)
+        self.layer.param.update(groups=data.layer_groups(), value=state.layer)  # the shell fitted it to this run
         self._sync_token_widget()
         self._sync_head_widget()
         n = data.n_steps
@@ -319,11 +318,9 @@ class AttentionView(View):
         if self.data is None:
             return
         sel = self._selection()
-        if not sel.daam:  # the DAAM map does not depend on the step
-            self._update_overlay(sel)
         self._update_probe(sel)
-        self._update_trio(sel)
-        if not sel.daam:
+        if not sel.daam:  # the DAAM maps do not depend on the step
+            self._update_trio(sel, self._update_overlay(sel))
             self._update_bars(sel)
         self.kl_marker.location = sel.step
 
@@ -334,14 +331,13 @@ class AttentionView(View):
         sel = self._selection()
         self._update_probe(sel)
         if sel.kind == "self":
-            self._update_overlay(sel)
-            self._update_trio(sel)
+            self._update_trio(sel, self._update_overlay(sel))
 
     def _update_all(self) -> None:
         sel = self._selection()
-        self._update_overlay(sel)
+        heat = self._update_overlay(sel)
         self._update_probe(sel)
-        self._update_trio(sel)
+        self._update_trio(sel, heat)
         self._update_grid(sel)
         self._update_bars(sel)
         self._update_kl(sel)
@@ -349,12 +345,14 @@ class AttentionView(View):
     def _image(self, step: int) -> np.ndarray:
         return _rgba_image(self.data.image(step), self.state.grey)
 
-    def _update_overlay(self, sel: Selection) -> None:
+    def _update_overlay(self, sel: Selection) -> Heat | None:
+        """Draw the main heat map; returns it (None when it could not be drawn) for A | B | A − B."""
         data = self.data
         if not (data.cross_layers if sel.kind == "cross" else data.self_layers):
             self._blank_overlay()
             self.overlay.title.text = f"this run recorded no {sel.kind}-attention maps"
-            return
+            return None
+        drawn = None
         with self.panel(self.overlay, self._blank_overlay):
             heat = data.heat(sel)
             packed = self._image(heat.step)
@@ -370,6 +368,8 @@ class AttentionView(View):
             if self.heat_frames.reset(key, data.n_steps, 4 * (shown["image"][0].size + heat.map.size)):
                 self.heat_frames.put(heat.step, {"image": shown["image"][0], "raw": shown["raw"][0]}, heat.low, heat.high)
             self._fill_frames()
+            drawn = heat
+        return drawn
 
     def _blank_overlay(self) -> None:
         data = self.data
@@ -432,7 +432,7 @@ class AttentionView(View):
             self.probe_note.value = (f"Where query cell (row {row}, col {col}) of the {raw.shape[0]}×{raw.shape[1]} pooled map "
                                       f"attends, {where}. Click the image to move the query.")
 
-    def _update_trio(self, sel: Selection) -> None:
+    def _update_trio(self, sel: Selection, heat_a: Heat | None = None) -> None:
         comparison = self.store.comparison
         self.trio.visible = comparison is not None and not self.state.grid
         if not self.trio.visible:
@@ -447,7 +447,7 @@ class AttentionView(View):
         with self.panel(self.trio_figs[1], blank):
             if not comparison.ok:
                 raise DatasetError("run B cannot be compared step by step: " + "; ".join(comparison.differences))
-            heats = comparison.heat_pair(sel)
+            heats = comparison.heat_pair(sel, heat_a)
             b = comparison.b
             packed = rgba(display_image(_figure.greyscale(b.image(heats[1].step)) if self.state.grey else b.image(heats[1].step),
                                         max_side=2 * TRIO_PX))
