@@ -9,8 +9,10 @@ labelled, merged and judged "content" the same way in both. Plain Python (it run
 """
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 #: Words that are never a prompt's subject: skipped for the default token and the default word grid.
 FUNCTION_WORDS = frozenset("a an the and or of on in at to with by for from over under is are , .".split())
@@ -90,3 +92,36 @@ def default_token(tokens: Sequence[Mapping[str, Any]]) -> int:
     plain = [i for i, token in enumerate(tokens) if not token.get("special")]
     content = [i for i in plain if is_content(tokens, [i])]
     return (content or plain or [0])[0]
+
+
+# ---- words a model does not know (the toy model refuses them: capture.toyworld.vocabulary, the generator tab)
+
+#: The CLIP pre-tokenizer's split, less its "other punctuation" branch: the toy tokenizer turns punctuation into
+#: its end token, the same token that pads every prompt, so punctuation brings in no unseen pieces.
+_WORD = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d+")
+#: A refusal lists at most this many unknown words, each cut to this many characters.
+_MAX_LISTED, _MAX_WORD_CHARS = 10, 24
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words of ``text`` as a CLIP tokenizer splits them, lower-cased, in order."""
+    return _WORD.findall(unicodedata.normalize("NFC", text or "").lower())
+
+
+def unknown_words(text: str, vocabulary: Iterable[str]) -> list[str]:
+    """The distinct words of ``text`` that are not in ``vocabulary``, in order of first appearance."""
+    known = {w.lower() for w in vocabulary}
+    out: list[str] = []
+    for word in prompt_words(text):
+        if word not in known and word not in out:
+            out.append(word)
+    return out
+
+
+def refusal(unknown: list[str], vocabulary: Iterable[str]) -> str:
+    """One line naming the unknown words and listing what the toy model knows."""
+    vocabulary = list(vocabulary)
+    shown = [w if len(w) <= _MAX_WORD_CHARS else w[:_MAX_WORD_CHARS - 1] + "…" for w in unknown[:_MAX_LISTED]]
+    more = f" (+{len(unknown) - _MAX_LISTED} more)" if len(unknown) > _MAX_LISTED else ""
+    noun = "word" if len(unknown) == 1 else "words"
+    return f"unknown {noun} for the toy model: {', '.join(shown)}{more} (it knows: {', '.join(vocabulary)})"

@@ -197,8 +197,8 @@ WORD_CASES = ["a purple dog", "a red circle", "A RED Circle, and a blue square!"
 
 
 def test_the_panel_checks_words_as_the_bridge_does() -> None:
-    """The app may not import capture, so it repeats the word split; both must find the same words and
-    say the same line."""
+    """The app may not import capture: both sides split words with ``export.words``, and the tab must say the
+    bridge's line for the same prompt."""
     pytest.importorskip("torch")
     from app.views import generator
     from capture.config import ConfigError, GenerateConfig

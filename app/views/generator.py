@@ -18,8 +18,6 @@ It talks to the bridge only through :mod:`app.bridge_client` (HTTP); it never im
 from __future__ import annotations
 
 import html
-import re
-import unicodedata
 from typing import Any
 
 import panel as pn
@@ -28,33 +26,19 @@ import param
 from app.bridge_client import DEFAULT_BRIDGE_URL, FINAL_STATES, BridgeClient, BridgeError, describe
 from app.state import State
 from app.views.common import CSS
+from export import words as _words
+from export.words import unknown_words
 
 #: How often a running job is polled, in milliseconds.
 POLL_MS = 400
 #: Steps of the progress bar (the bridge reports a fraction 0..1).
 BAR_MAX = 1000
-#: Words as the toy tokenizer splits them; the same pattern as ``capture.toyworld.vocabulary`` (which the
-#: app may not import; tests/test_bridge_client.py checks that the two agree).
-_WORD = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d+")
-_MAX_LISTED, _MAX_WORD_CHARS = 10, 24
-
-
-def unknown_words(text: str, vocabulary: list[str]) -> list[str]:
-    """The distinct words of ``text`` (lower-cased, punctuation aside) not in ``vocabulary``, in order."""
-    known = {w.lower() for w in vocabulary}
-    out: list[str] = []
-    for word in _WORD.findall(unicodedata.normalize("NFC", text or "").lower()):
-        if word not in known and word not in out:
-            out.append(word)
-    return out
 
 
 def refusal(flag: str, unknown: list[str], vocabulary: list[str]) -> str:
     """The bridge's one line for ``unknown`` words of setting ``flag`` (``--prompt``)."""
-    shown = [w if len(w) <= _MAX_WORD_CHARS else w[:_MAX_WORD_CHARS - 1] + "…" for w in unknown[:_MAX_LISTED]]
-    more = f" (+{len(unknown) - _MAX_LISTED} more)" if len(unknown) > _MAX_LISTED else ""
-    noun = "word" if len(unknown) == 1 else "words"
-    return f"{flag}: unknown {noun} for the toy model: {', '.join(shown)}{more} (it knows: {', '.join(vocabulary)})"
+    return f"{flag}: {_words.refusal(unknown, vocabulary)}"
+
 
 GENERATOR_CSS = CSS + """
 .dv-gen-status { font-size: 11pt; }
