@@ -607,6 +607,7 @@ class Comparison:
         self.settings: list[str] = _reader.run_differences(a.metadata, b.metadata)
         self.pairs, self.pairing = self._pair_tokens()
         self._js: tuple[np.ndarray, np.ndarray] | None = None
+        self._js_error: str | None = None
         self._traj: tuple[np.ndarray, np.ndarray, tuple[float, float], str] | None = None
         self._delta: tuple[np.ndarray, str, str] | None = None
 
@@ -662,25 +663,35 @@ class Comparison:
     def js(self) -> tuple[np.ndarray, np.ndarray]:
         """``(per_token [N, L, P], grid [N, L])``: JS divergence (base 2) of each paired token's spatial map
         (``analysis.divergence.map_js_divergence``), and its mean over the paired non-special tokens.
-        ``L`` runs over ``a.cross_layers``; unpaired or non-comparable runs give NaN."""
+        ``L`` runs over ``a.cross_layers``; unpaired or non-comparable runs give NaN. A failure (an unreadable
+        map) is kept too: every later call raises it again without reading the runs' maps again."""
+        if self._js_error is not None:
+            raise DatasetError(self._js_error)
         if self._js is None:
-            n, layers, pairs = self.a.n_steps, self.a.cross_layers, self.pairs
-            per_token = np.full((n, len(layers), len(pairs)), np.nan)
-            if self.ok and pairs:
-                rows_a = [p[0] for p in pairs]
-                rows_b = [p[1] for p in pairs]
-                # layers are matched by name (the reader's ``compatible`` checked both have them)
-                layers_b = [self.b.run.layer_index(self.a.layers[layer]["name"]) for layer in layers]
-                for s in range(n):
-                    for li, (layer, layer_b) in enumerate(zip(layers, layers_b)):
-                        ma = self.a.run.cross(layer, s)[rows_a]
-                        mb = self.b.run.cross(layer_b, s)[rows_b]
-                        per_token[s, li] = _divergence.map_js_divergence(ma, mb)
-            words = [k for k, (i, _j, _t) in enumerate(pairs) if not self.a.tokens[i].get("special")]
-            cols = words or list(range(len(pairs)))
-            grid = per_token[:, :, cols].mean(axis=2) if cols else np.full((n, len(layers)), np.nan)
-            self._js = (per_token, grid)
+            try:
+                self._js = self._compute_js()
+            except Exception as exc:  # noqa: BLE001 - kept as one line; the caller shows it
+                self._js_error = one_line(exc)
+                raise DatasetError(self._js_error) from None
         return self._js
+
+    def _compute_js(self) -> tuple[np.ndarray, np.ndarray]:
+        n, layers, pairs = self.a.n_steps, self.a.cross_layers, self.pairs
+        per_token = np.full((n, len(layers), len(pairs)), np.nan)
+        if self.ok and pairs:
+            rows_a = [p[0] for p in pairs]
+            rows_b = [p[1] for p in pairs]
+            # layers are matched by name (the reader's ``compatible`` checked both have them)
+            layers_b = [self.b.run.layer_index(self.a.layers[layer]["name"]) for layer in layers]
+            for s in range(n):
+                for li, (layer, layer_b) in enumerate(zip(layers, layers_b)):
+                    ma = self.a.run.cross(layer, s)[rows_a]
+                    mb = self.b.run.cross(layer_b, s)[rows_b]
+                    per_token[s, li] = _divergence.map_js_divergence(ma, mb)
+        words = [k for k, (i, _j, _t) in enumerate(pairs) if not self.a.tokens[i].get("special")]
+        cols = words or list(range(len(pairs)))
+        grid = per_token[:, :, cols].mean(axis=2) if cols else np.full((n, len(layers)), np.nan)
+        return per_token, grid
 
     def trajectories(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float], str]:
         """Both runs' latent paths on one basis: ``(coords_a [N, 2], coords_b [N, 2], (evr1, evr2), how)``."""

@@ -360,3 +360,19 @@ def test_daam_mode_draws_image_bars_and_entropy_from_the_same_steps(runs, store)
     labels, values, _where = data.entropies(sel)
     for k, index in enumerate(data.cross_layers):
         assert values[k] == pytest.approx(np.mean(data.entropy_curve(index)[1:4]))
+
+
+def test_a_failed_js_is_kept_and_not_read_again(runs, store):
+    a, b = store.open(str(runs["a"])), store.open(str(runs["b"]))
+    comparison = Comparison(a, b)
+    calls = []
+
+    def broken(layer, step):
+        calls.append((layer, step))
+        raise DatasetError(f"attention/cross/layer_{layer}_step_{step:03d}.bin: truncated")
+
+    b.run.cross = broken
+    for _ in range(2):
+        with pytest.raises(DatasetError, match="layer_0_step_000.bin: truncated"):
+            comparison.js()
+    assert calls == [(0, 0)]

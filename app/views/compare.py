@@ -29,8 +29,6 @@ from app.state import ALL_LAYERS
 from app.store import one_line
 from app.views.common import (ACCENT, CSS, PALETTES, RUN_COLOURS, View, bar_figure, curve_figure, fit_to_data, guarded, held,
                               image_figure, reported, rgba, rgba_data, rgba_source, set_image_extent, style, with_save)
-from export import reader as _reader
-from export.contract import DatasetError
 
 HELP = ("<b>How to read this.</b> <b>JS divergence</b> (Jensen–Shannon, in bits) compares, token by token, A's and "
         "B's spatial attention maps at the same step and layer: 0 = the same map, 1 bit = maps with no overlap. "
@@ -128,7 +126,6 @@ class CompareView(View):
 
         #: files found unreadable for the comparison shown: one line each -> the panels blanked for it
         self._unreadable: dict[str, set[str]] = {}
-        self._js_failure: tuple[Any, str] | None = None  # (comparison, message): JS is not retried per step
 
         stretch = dict(sizing_mode="stretch_width", margin=0)
         # shown only while a second run is loaded
@@ -193,8 +190,6 @@ class CompareView(View):
         comparison = self.store.comparison
         other = self.store.other
         self._unreadable = {}
-        if self._js_failure is not None and self._js_failure[0] is not comparison:
-            self._js_failure = None  # it would keep the previous runs alive
         if other is not None and self.url.value != self.state.compare and not self.state.compare.startswith("upload:"):
             self.url.value = self.state.compare
         if comparison is None:
@@ -231,9 +226,7 @@ class CompareView(View):
                        f"{'them' if n > 1 else 'it'} are blank:{ul(lines)}")
         else:
             kind, verdict = "dv-ok", f"Comparable ({html.escape(comparison.pairing)})."
-        settings = getattr(comparison, "settings", None)
-        if settings is None:
-            settings = _reader.run_differences(a.metadata, b.metadata)
+        settings = comparison.settings
         if settings:
             seeds = any(line.startswith("seed:") for line in settings)
             verdict += (f"<br><b>Run settings that differ:</b>{ul(settings)}"
@@ -265,17 +258,6 @@ class CompareView(View):
     def _blank_delta(self) -> None:
         self.delta_source.data = {"step": [], "delta": []}
 
-    def _js(self) -> tuple[np.ndarray, np.ndarray]:
-        """``comparison.js()``; a failure is remembered for this comparison, so it is not read again every step."""
-        comparison = self.store.comparison
-        if self._js_failure is not None and self._js_failure[0] is comparison:
-            raise DatasetError(self._js_failure[1])
-        try:
-            return comparison.js()
-        except Exception as exc:
-            self._js_failure = (comparison, one_line(exc))
-            raise
-
     def _update_js(self) -> None:
         comparison = self.store.comparison
         a = comparison.a
@@ -289,7 +271,7 @@ class CompareView(View):
             self.js_fig.title.text = "JS divergence: not comparable" if not comparison.ok else "JS divergence: no cross-attention maps"
             return
         with self._part("JS heat map", self.js_fig, self._blank_js):
-            _per_token, grid = self._js()
+            _per_token, grid = comparison.js()  # a failure is kept there: not read again per step
             n, nl = grid.shape
             steps, layers = np.meshgrid(np.arange(n), np.arange(nl), indexing="ij")
             self.js_source.data = {"step": steps.ravel(), "layer": [labels[i] for i in layers.ravel()],
@@ -305,7 +287,7 @@ class CompareView(View):
             self.token_fig.title.text = "Per-token JS divergence" + ("" if comparison is None or comparison.ok else ": not comparable")
             return
         with self._part("per-token JS", self.token_fig, self._blank_token_js):
-            per_token, _grid = self._js()
+            per_token, _grid = comparison.js()
             step = min(self.state.step, per_token.shape[0] - 1)
             layer = self.state.layer
             a = comparison.a
