@@ -16,7 +16,7 @@ help:
 	@echo "make test   - set up (venv, Chromium) and run the whole test suite"
 	@echo "make bench  - run the benchmarks and print their ratios"
 	@echo "make site   - build the static Pyodide site into site/"
-	@echo "make datasets - re-record the shipped runs datasets/default and datasets/compare"
+	@echo "make datasets - re-record the shipped runs datasets/default, datasets/compare and datasets/mmdit"
 
 venv: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml diffviz.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[capture,test]"
+	$(PIP) install -q -e ".[capture,test,scale]"
 	touch $@
 
 # Debian's Chromium for the browser tests (never `playwright install`).
@@ -67,8 +67,11 @@ datasets: venv
 	  --output-dir datasets/default --overwrite-output --quiet
 	$(VENV)/bin/diffviz generate --prompt "a red triangle and a blue square" --seed $(DATASET_SEED) \
 	  --output-dir datasets/compare --overwrite-output --quiet
+	$(VENV)/bin/diffviz generate --model toyworld-mmdit --prompt "a red circle and a blue square" --seed $(DATASET_SEED) \
+	  --output-dir datasets/mmdit --overwrite-output --quiet
 	$(VENV)/bin/diffviz validate datasets/default --strict
 	$(VENV)/bin/diffviz validate datasets/compare --strict
+	$(VENV)/bin/diffviz validate datasets/mmdit --strict
 
 # The npm Pyodide core lets build-site check the install plan against its lock and size the first visit.
 site: venv $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 #: subcommand -> (module, one-line help). The module's ``main(argv)`` parses its own flags.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("capture.cli", "record a diffusion run into a dataset folder (needs the [capture] extra)"),
+    "sweep": ("capture.sweep.cli", "record a grid of runs (prompts x seeds x settings) into one folder with a sweep.json index"),
     "validate": ("export.validate", "check a dataset folder against the contract"),
     "export-figure": ("export.figure", "write a run's word grid (DAAM maps over the image) as a PNG for a paper"),
     "eval-attention": ("capture.toyworld.evaluate", "score attention maps against the toy world's ground truth"),

@@ -4,6 +4,8 @@
 
 The dataset and the cache bound reach the app through ``DIFFVIZ_DATASET`` and ``DIFFVIZ_CACHE_MB``
 (``panel serve app/main.py`` reads the same variables, and uses ``datasets/default`` without them).
+``--dataset`` may name a sweep (a folder holding ``sweep.json``, as ``diffviz sweep`` writes it): the dashboard
+then opens with its Sweep tab, and its first finished run in the other tabs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 from app.store import DEFAULT_CACHE_MB, PROJECT_ROOT, is_url
+from export.contract import METADATA_FILE
+from export.sweep import SWEEP_FILE
 
 APP = Path(__file__).with_name("main.py")
 #: Large enough for a whole run folder picked in the browser (uploads travel over the websocket).
@@ -24,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffviz serve", description="Serve the diffviz dashboard with panel serve.")
     p.add_argument("--port", type=int, default=5006, help="port to listen on (default 5006)")
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--dataset", default=None, help="run to open first: a folder or an http(s) URL (default datasets/default)")
+    p.add_argument("--dataset", default=None,
+                   help="run or sweep to open first: a folder or an http(s) URL (default datasets/default)")
     p.add_argument("--cache-mb", type=int, default=None,
                    help=f"bound of each open run's cache of decoded maps and images, in MB (default {DEFAULT_CACHE_MB})")
     p.add_argument("--allow-websocket-origin", action="append", default=[], metavar="HOST[:PORT]",
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             if not path.is_dir() and not (PROJECT_ROOT / path).is_dir():
                 parser.error(f"--dataset {dataset}: no such folder")
             dataset = str(path.resolve() if path.is_dir() else (PROJECT_ROOT / path).resolve())
+            if not any((Path(dataset) / name).is_file() for name in (METADATA_FILE, SWEEP_FILE)):
+                parser.error(f"--dataset {args.dataset.strip()}: neither a run (no {METADATA_FILE}) nor a sweep (no {SWEEP_FILE})")
         env["DIFFVIZ_DATASET"] = dataset
     if args.cache_mb is not None:
         env["DIFFVIZ_CACHE_MB"] = str(args.cache_mb)

@@ -36,15 +36,20 @@ from panel.theme.fast import Fast
 
 from app.state import DEFAULT_DATASET, State
 from app.store import IN_BROWSER, RunData, Store, one_line
+from app.sweepstore import Sweep, SweepStore, open_dataset
 from app.views.attention import AttentionView
 from app.views.common import CSS, View
 from app.views.compare import CompareView
+from app.views.sweep import SweepView
 from app.views.frames import step_js
 from app.views.timeline import TimelineView
 from app.views.trajectory import TrajectoryView
 
+#: What each loading slot opens, as the loading line and the banner name it.
+WHAT = {"dataset": "run", "compare": "comparison run", "sweep": "sweep"}
 #: Query-string names of the state parameters mirrored in the page URL.
-URL_PARAMS = {"dataset": "dataset", "compare": "compare", "step": "step", "layer": "layer", "token": "token"}
+URL_PARAMS = {"dataset": "dataset", "compare": "compare", "step": "step", "layer": "layer", "token": "token",
+              "sweep": "sweep"}
 
 
 def default_dataset() -> str:
@@ -156,14 +161,17 @@ class Dashboard(pn.viewable.Viewer):
         #: the session's own run (before the page address), and a notice to show once it is open instead (_finish)
         self._first_dataset = state.dataset
         self._notice: str | None = None
-        self._loaded: dict[str, str | None] = {"dataset": None, "compare": None}
+        self._loaded: dict[str, str | None] = {"dataset": None, "compare": None, "sweep": None}
         #: per slot: the text being opened now, and the latest request made meanwhile ``(text, force)``
-        self._busy: dict[str, str | None] = {"dataset": None, "compare": None}
-        self._queued: dict[str, tuple[str, bool] | None] = {"dataset": None, "compare": None}
+        self._busy: dict[str, str | None] = {"dataset": None, "compare": None, "sweep": None}
+        self._queued: dict[str, tuple[str, bool] | None] = {"dataset": None, "compare": None, "sweep": None}
 
         # Loaders run before any view reacts to the same change (watchers fire in registration order).
         state.param.watch(self._on_dataset, "dataset")
         state.param.watch(self._on_compare, "compare")
+        state.param.watch(lambda e: self._load("sweep", e.new), "sweep")
+        #: the open sweep (the Sweep tab is shown while there is one)
+        self.sweeps = SweepStore()
 
         #: the view whose failure the banner shows (None: a notice of the shell's own)
         self._banner_view: str | None = None
@@ -176,6 +184,8 @@ class Dashboard(pn.viewable.Viewer):
         self.attention = AttentionView(**views_args("attention"))
         self.trajectory = TrajectoryView(**views_args("trajectory"))
         self.compare = CompareView(**views_args("compare"))
+        self.sweep = SweepView(sweeps=self.sweeps, show_tab=self.show_tab, **views_args("sweep"))
+        self.sweeps.param.watch(self._on_sweep_changed, "sweep")
         # a step change draws the frames already in the browser at once (app.views.frames)
         args, code = step_js([(self.timeline.frames, self.timeline.image_source, None),
                               (self.attention.image_frames, self.attention.image_source, None),
@@ -201,6 +211,8 @@ class Dashboard(pn.viewable.Viewer):
         self._load("dataset", state.dataset)
         if state.compare:
             self._load("compare", state.compare)
+        if state.sweep:
+            self._load("sweep", state.sweep)
         self.generator = self._make_generator()  # after the loads: a successful load clears the banner
         self._on_run_changed()
 
@@ -209,6 +221,8 @@ class Dashboard(pn.viewable.Viewer):
     def sections(self) -> list[tuple[str, Any]]:
         items = [("Timeline", self.timeline), ("Attention", self.attention), ("Trajectory", self.trajectory),
                  ("Compare runs", self.compare)]
+        if self.sweeps.sweep is not None:
+            items.append(("Sweep", self.sweep))
         if self.generator is not None:
             items.append(("Local generator", self.generator))
         return items
@@ -227,6 +241,7 @@ class Dashboard(pn.viewable.Viewer):
                                 stylesheets=["[aria-hidden='true'] { display: none !important; }"])
             self.tabs.param.watch(self._on_tab, "active")
             self._on_tab()
+            self._on_sweep_changed()
         return [self.banner, self.timeline.controls, self.tabs]
 
     def _on_tab(self, *_: Any) -> None:
@@ -336,21 +351,29 @@ class Dashboard(pn.viewable.Viewer):
             with hold():
                 self.store.set_other(None)
             return
+        if which == "sweep" and not (text or "").strip():
+            self._loaded["sweep"] = ""
+            with hold():
+                self.sweeps.set_sweep(None)
+            return
         runner = self._runner or background_runner()
         if runner is None:
-            data, message = self._open(text)
+            data, message = self._open(text, which)
             with hold():
                 self._finish(which, text, data, message)
             return
         self._busy[which] = text
         self._show_loading()
-        runner(functools.partial(self._open, text), functools.partial(self._done, which, text))
+        runner(functools.partial(self._open, text, which), functools.partial(self._done, which, text))
 
-    def _open(self, text: str) -> tuple[RunData | None, str | None]:
+    def _open(self, text: str, which: str = "dataset") -> tuple[RunData | Sweep | None, str | None]:
         """``store.open(text)`` as ``(data, None)``, or ``(None, one line)`` with nothing of the failed run kept.
+        The run box may also name a sweep, the sweep slot only a sweep (``app.sweepstore``).
         Touches no Bokeh model: under ``panel serve`` it runs in a worker thread."""
         try:
-            return self.store.open(text), None
+            if which == "sweep":
+                return self.sweeps.open(text), None
+            return (open_dataset(self.store.open, text) if which == "dataset" else self.store.open(text)), None
         except Exception as exc:  # noqa: BLE001 - any failure: banner, previous run kept
             message = one_line(exc)
             _forget(exc)
@@ -375,24 +398,26 @@ class Dashboard(pn.viewable.Viewer):
 
     def _show_loading(self) -> None:
         busy = [(w, t) for w, t in self._busy.items() if t is not None]
-        text = " · ".join(f"Loading {'comparison run' if w == 'compare' else 'run'} {t!r} …" for w, t in busy)
+        text = " · ".join(f"Loading {WHAT.get(w, 'run')} {t!r} …" for w, t in busy)
         self.loading.param.update(object=f"<p class='dv-note'>{html.escape(text)}</p>" if busy else "", visible=bool(busy))
 
     def _finish(self, which: str, text: str, data: RunData | None, message: str | None) -> None:
         if data is None:
-            what = "comparison run" if which == "compare" else "run"
-            notice = f"Could not load {what} {text!r}: {message}"
+            notice = f"Could not load {WHAT.get(which, 'run')} {text!r}: {message}"
             self.show_error(notice)
             previous = self._loaded[which]
             if previous is not None and getattr(self.state, which) != previous:
                 setattr(self.state, which, previous)
-            elif previous is None and which == "compare":
-                self._loaded["compare"] = ""
-                self.state.compare = ""
+            elif previous is None and which in ("compare", "sweep"):
+                self._loaded[which] = ""
+                setattr(self.state, which, "")
             elif previous is None and text != self._first_dataset:
                 # the page address named a run that cannot be opened: show the session's own run, and keep saying why
                 self._notice = notice
                 self.state.dataset = self._first_dataset
+            return
+        if isinstance(data, Sweep):
+            self._open_sweep(which, text, data)
             return
         self._loaded[which] = text
         self.clear_error()
@@ -411,6 +436,46 @@ class Dashboard(pn.viewable.Viewer):
         self.store.set_run(data)
         if changed:
             self.state.param.trigger(*changed)
+
+    # ---- the sweep ---------------------------------------------------------------------------------
+
+    def _open_sweep(self, which: str, text: str, sweep: Sweep) -> None:
+        """A sweep opened (the address's ``sweep``, or named in the run box): the Sweep tab shows it, the other
+        tabs its first finished run unless they show one of its runs already."""
+        self.clear_error()
+        self._loaded["sweep"] = text
+        self.sweeps.set_sweep(sweep)
+        self.state.sweep = text  # already loaded: no second read
+        if which == "dataset" or sweep.find(self.state.dataset) is None:
+            first = sweep.first_done()
+            if first is not None:
+                if self._first_dataset == text:  # a run that fails to open falls back to this one, not the sweep
+                    self._first_dataset = sweep.run_text(first)
+                self.state.dataset = sweep.run_text(first)
+            else:
+                self.show_error(f"The sweep {text!r} has no finished run yet.")
+                if which == "dataset" and self._loaded["dataset"] is not None:
+                    self.state.dataset = self._loaded["dataset"]
+
+    def _on_sweep_changed(self, *_: Any) -> None:
+        """The Sweep tab comes (and is shown) with a sweep, and goes with it."""
+        if self.tabs is None:
+            return
+        titles = [title for title, _view in self.sections()]
+        if self.sweeps.sweep is not None:
+            if len(self.tabs) != len(titles):
+                self.tabs.insert(titles.index("Sweep"), ("Sweep", self.sweep))
+            self.tabs.active = titles.index("Sweep")
+        elif len(self.tabs) != len(titles):
+            index, active = len(titles) - (self.generator is not None), self.tabs.active
+            self.tabs.pop(index)
+            self.tabs.active = 0 if active == index else active - (active > index)
+        self._on_tab()
+
+    def show_tab(self, title: str) -> None:
+        titles = [name for name, _view in self.sections()]
+        if self.tabs is not None and title in titles:
+            self.tabs.active = titles.index(title)
 
     # ---- banner and run info ---------------------------------------------------------------------
 
@@ -453,8 +518,8 @@ class Dashboard(pn.viewable.Viewer):
             ("steps", f"{data.n_steps} · {info.get('scheduler', '?')}"),
             ("cfg · seed", f"{info.get('cfg_scale', '?')} · {info.get('seed', '?')}"),
             ("image", f"{data.height}×{data.width}"),
-            ("layers", f"{len(data.layers)} ({len(data.cross_layers)} cross, {len(data.self_layers)} self)"),
-            ("tokens", str(len(data.tokens))),
+            ("layers", data.layer_summary()),
+            ("tokens", data.token_summary()),
             ("heads", f"per head (up to {data.max_heads})" if data.per_head else "mean over heads"),
             ("source", data.label),
         ]

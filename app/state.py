@@ -92,3 +92,12 @@ class State(param.Parameterized):
         if updates:
             self.param.update(**updates)
         return list(updates)
+
+    # ---- the Sweep tab (app/views/sweep.py); ``sweep`` is mirrored in the page URL
+    sweep = param.String(default="", doc="sweep of the Sweep tab: a folder or URL holding sweep.json; '' for none")
+    sweep_rows = param.String(default=None, allow_None=True, doc="swept axis along the rows; '': one row; None: the sweep's default")
+    sweep_cols = param.String(default=None, allow_None=True, doc="swept axis along the columns; None: the sweep's default")
+    sweep_fixed = param.Dict(default={}, doc="the value each other swept axis is held at, {axis: value}; missing: its first")
+    sweep_show = param.Selector(default="image", objects=["image", "word map"], doc="small multiples: final images or one word's DAAM map")
+    sweep_word = param.String(default="", doc="word of the word maps and of the share plot; '': the sweep's default")
+    sweep_x = param.String(default="", doc="parameter on the headline plots' x axis; '': the columns' axis")

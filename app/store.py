@@ -4,7 +4,9 @@
 * :class:`RunData` wraps one opened run: layer groups, token/word labels, token maps (one layer or
   all layers brought to one resolution; the mean over heads or, in per-head runs, one head), the
   DAAM aggregate, the self-attention probe, and the per-step metrics the views plot. Grids are
-  ``(h, w)`` pairs throughout: schema-2 runs may be non-square.
+  ``(h, w)`` pairs throughout: schema-2 runs may be non-square. Joint-attention runs (SD3, Flux) add
+  layer kinds (``joint``, ``single``), token sets (CLIP, T5: a word is merged within its set) and the
+  text->image maps of "where does this word look" (:meth:`RunData.text_heat`).
 * :class:`Comparison` holds two runs: the reader's compatibility verdict, the JS divergence per
   step x layer and per token (``analysis.divergence``), both PCA trajectories on a shared basis
   (``analysis.trajectory``) and the per-step latent deltas.
@@ -135,6 +137,27 @@ def check_schema(run: Any, label: str) -> None:
 # --------------------------------------------------------------------------- one run
 
 
+def _set_names(metadata: Mapping[str, Any], tokens: list[dict]) -> dict[str, str]:
+    """``{encoder: short name}`` of a run's token sets when it has more than one (else ``{}``): ``T5`` or ``CLIP``
+    from the encoder's class in ``family.text_encoders``, the encoder's own name when that is unknown or when two
+    sets would share a short name."""
+    order = [str(ts.get("encoder")) for ts in metadata.get("token_sets") or [] if isinstance(ts, Mapping)]
+    order += [str(t["set"]) for t in tokens if t.get("set") and str(t["set"]) not in order]
+    order = list(dict.fromkeys(order))
+    if len(order) < 2:
+        return {}
+    family = metadata.get("family") if isinstance(metadata.get("family"), Mapping) else {}
+    classes = {str(e.get("name")): str(e.get("class", "")) for e in family.get("text_encoders") or [] if isinstance(e, Mapping)}
+
+    def short(encoder: str) -> str:
+        cls = classes.get(encoder, "")
+        return "T5" if "T5" in cls else "CLIP" if "CLIP" in cls else encoder
+
+    names = {encoder: short(encoder) for encoder in order}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {encoder: encoder if name in shared else name for encoder, name in names.items()}
+
+
 @dataclass(frozen=True)
 class Selection:
     """What a heat map is drawn for: the state's parameters a map depends on, read once per update."""
@@ -204,6 +227,12 @@ class RunData:
         self.words: list[str] = list(md.get("words") or [])
         self.cross_layers = [int(l["index"]) for l in self.layers if l.get("cross_shape")]
         self.self_layers = [int(l["index"]) for l in self.layers if l.get("self_shape")]
+        #: layers with text->image maps (joint and single layers of SD3/Flux runs)
+        self.text_layers = [int(l["index"]) for l in self.layers if l.get("text_shape")] if run.has_text else []
+        self.text_grid: tuple[int, int] = _maps.finest([l["text_shape"][-2:] for l in self.layers
+                                                        if int(l["index"]) in self.text_layers])
+        #: the short name shown after a token of each set (``{encoder: "T5"}``); empty when the run has one set
+        self.set_names: dict[str, str] = _set_names(md, self.tokens)
         #: the finest grid of each kind: the all-layer mean is brought to it
         self.cross_grid: tuple[int, int] = _maps.finest([self.run.cross_grid(i) for i in self.cross_layers])
         self.self_grid: tuple[int, int] = _maps.finest([self.run.self_grid(i) for i in self.self_layers])
@@ -218,10 +247,19 @@ class RunData:
     def name(self) -> str:
         return self.label
 
+    def layer_kind(self, index: int) -> str:
+        """``unet``, ``joint`` (MM-DiT double stream) or ``single`` (Flux single stream)."""
+        return str(self.layers[index].get("kind") or "unet")
+
     def layer_label(self, index: int) -> str:
-        """``up_blocks.1 · 8×8 · attn 0 · block 0``: the block, the stored grid, then the rest of the name."""
+        """``up_blocks.1 · 8×8 · attn 0 · block 0``: the block, the stored grid, then the rest of the name;
+        a joint or single layer is ``joint · transformer_blocks.3 · 8×12``: its kind, its name, its grid."""
         layer = self.layers[index]
         name = str(layer.get("name", index))
+        kind = self.layer_kind(index)
+        if kind != "unet":
+            h, w = self.layer_resolution(index)
+            return f"{kind} · {name} · {h}×{w}"
         block = str(layer.get("block", ""))
         rest = name[len(block) + 1:] if block and name.startswith(block + ".") else name
         parts = rest.split(".")
@@ -243,17 +281,37 @@ class RunData:
         h, w = self.cross_grid
         grid = f" at {h}×{w}" if self.cross_layers else ""
         groups: dict[str, dict[str, str]] = {"All layers": {f"all layers (mean{grid})": ALL_LAYERS}}
+        mapped = set(self.cross_layers) | set(self.self_layers) | set(self.text_layers)
         for layer in self.layers:
             index = int(layer["index"])
-            if index not in self.cross_layers and index not in self.self_layers:
+            if index not in mapped:
                 continue
             rh, rw = self.layer_resolution(index)
-            group = f"{layer.get('block', '?')} · {rh}×{rw}"
+            kind = self.layer_kind(index)
+            group = f"{layer.get('block', '?')} · {rh}×{rw}" if kind == "unet" else f"{kind} layers · {rh}×{rw}"
             groups.setdefault(group, {})[f"L{index} · {self.layer_label(index)}"] = str(index)
         return groups
 
     def layer_values(self) -> list[str]:
-        return [ALL_LAYERS] + [str(i) for i in sorted(set(self.cross_layers) | set(self.self_layers))]
+        return [ALL_LAYERS] + [str(i) for i in sorted(set(self.cross_layers) | set(self.self_layers) | set(self.text_layers))]
+
+    def layer_summary(self) -> str:
+        """``7 (7 cross, 7 self)``; with joint or single layers ``3 (2 joint, 1 single; 3 cross, 3 self, 3 text)``."""
+        kinds = [self.layer_kind(i) for i in range(len(self.layers))]
+        maps = f"{len(self.cross_layers)} cross, {len(self.self_layers)} self"
+        if set(kinds) <= {"unet"}:
+            return f"{len(self.layers)} ({maps})"
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("unet", "joint", "single") if k in kinds)
+        return f"{len(self.layers)} ({counts}; {maps}, {len(self.text_layers)} text)"
+
+    def token_summary(self) -> str:
+        """``9``; with several token sets ``10 (CLIP 5, T5 5)``."""
+        if not self.set_names:
+            return str(len(self.tokens))
+        counts: dict[str, int] = {}
+        for i in range(len(self.tokens)):
+            counts[self.set_label(i)] = counts.get(self.set_label(i), 0) + 1
+        return f"{len(self.tokens)} (" + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
 
     def head_options(self) -> dict[str, str]:
         """``{label: State.head value}`` for the head selector: the mean, then each head (per-head runs only)."""
@@ -275,38 +333,52 @@ class RunData:
     def word_of(self, index: int) -> int | None:
         return _words.word_of(self.tokens[index]) if 0 <= index < len(self.tokens) else None
 
+    def token_set(self, index: int) -> str:
+        """The encoder whose token set holds ``index`` (``""`` in runs that do not say: one set)."""
+        return str(self.tokens[index].get("set") or "")
+
+    def set_label(self, index: int) -> str:
+        """The short name of ``index``'s token set (``T5``, ``CLIP``), ``""`` when the run has one set."""
+        return self.set_names.get(self.token_set(index), "")
+
     def token_indices(self, token: int, merge: bool) -> list[int]:
-        """The stored token rows shown for ``token``: its whole word when ``merge`` and it has one."""
+        """The stored token rows shown for ``token``: its whole word when ``merge`` and it has one, within
+        the token's own set (a word of the prompt may appear in several sets, each set its own rows)."""
         if not 0 <= token < len(self.tokens):
             raise DatasetError(f"token {token} is outside this run's {len(self.tokens)} tokens")
         word = self.word_of(token)
         if not merge or word is None:
             return [token]
-        return [i for i in range(len(self.tokens)) if self.word_of(i) == word]
+        own = self.token_set(token)
+        return [i for i in range(len(self.tokens)) if self.word_of(i) == word and self.token_set(i) == own]
 
     def token_label(self, token: int, merge: bool) -> str:
+        """``red``; with several token sets ``red · T5``."""
         indices = self.token_indices(token, merge)
         word = self.word_of(token)
         if merge and word is not None and word < len(self.words):
-            return self.words[word]
-        return "".join(self.token_text(i) for i in indices)
+            text = self.words[word]
+        else:
+            text = "".join(self.token_text(i) for i in indices)
+        where = self.set_label(token)
+        return f"{text} · {where}" if where else text
 
     def token_options(self, merge: bool) -> dict[str, int]:
         """``{label: token index}`` for the token selector; with ``merge`` one entry per word."""
         options: dict[str, int] = {}
-        seen_words: set[int] = set()
+        seen_words: set[tuple[str, int]] = set()
         for i, token in enumerate(self.tokens):
             word = self.word_of(i)
             if merge and word is not None:
-                if word in seen_words:
+                if (self.token_set(i), word) in seen_words:
                     continue
-                seen_words.add(word)
+                seen_words.add((self.token_set(i), word))
                 parts = self.token_indices(i, True)
                 label = self.token_label(i, True)
                 if len(parts) > 1:
                     label += "  (" + " + ".join(self.token_text(p) for p in parts) + ")"
             else:
-                label = self.token_text(i)
+                label = self.token_label(i, False)
             label = f"{i}: {label}"
             options[label] = i
         return options
@@ -339,10 +411,12 @@ class RunData:
             index = int(layer)
         except (TypeError, ValueError):
             raise DatasetError(f"layer {layer!r} is not a layer index or {ALL_LAYERS!r}") from None
-        valid = self.cross_layers if kind == "cross" else self.self_layers
-        if index not in valid:
+        if index not in self._layers_of(kind):
             raise DatasetError(f"layer {index} has no {kind}-attention maps in this run")
         return index
+
+    def _layers_of(self, kind: str) -> list[int]:
+        return {"cross": self.cross_layers, "self": self.self_layers, "text": self.text_layers}[kind]
 
     # ---- cross attention -------------------------------------------------------------
 
@@ -419,6 +493,57 @@ class RunData:
             self._memo.popitem(last=False)
         return value
 
+    # ---- text -> image ("where does this word look") ------------------------------------
+
+    def layer_text_maps(self, layer: int, step: int) -> np.ndarray:
+        """One layer's stored text->image maps ``[T, h, w]`` at ``step`` (row t: where token t's query looks)."""
+        return np.asarray(self.run.text(self._layer_index(layer, "text"), self._check_step(step)), np.float32)
+
+    def text_all_tokens(self, layer: str | int, step: int) -> np.ndarray:
+        """Every token's text->image map ``[T, h, w]``: one layer's, or for ``mean`` each text layer's maps
+        resampled to ``text_grid`` and averaged over layers, as :meth:`cross_all_tokens` does for cross maps."""
+        step = self._check_step(step)
+        if str(layer) != ALL_LAYERS:
+            return self.layer_text_maps(int(self._layer_index(layer, "text")), step)
+        return self._memoised(("text-mean", step),
+                              lambda: _maps.mean_at((self.layer_text_maps(i, step) for i in self.text_layers), self.text_grid))
+
+    def text_aggregate_all(self, first: int, last: int) -> np.ndarray:
+        """Every token's text->image map averaged over all text layers and steps ``first..last`` (as DAAM)."""
+        first, last = sorted((self._check_step(first), self._check_step(last)))
+
+        def mean() -> np.ndarray:
+            acc = np.zeros((len(self.tokens),) + tuple(self.text_grid), np.float32)
+            for step in range(first, last + 1):
+                acc += self.text_all_tokens(ALL_LAYERS, step)
+            return acc / (last - first + 1)
+
+        return self._memoised(("text-aggregate", first, last), mean)
+
+    def text_heat(self, sel: Selection) -> Heat:
+        """Where the selected word looks: its text->image map at the drawn layer (the selected one if it has text
+        maps, else the mean over text layers) and step, or with DAAM the mean over text layers and the step range:
+        the same choice of step and layer as the cross map. A word of several pieces (within its set) is the mean
+        of their rows, so it is still one query's kind of distribution over the image cells. Text maps are
+        stored as the mean over heads only."""
+        if not self.text_layers:
+            raise DatasetError("this run recorded no text->image maps")
+        sel = self.fit_selection(sel)
+        rows = self.token_indices(sel.token, sel.merge)
+        label = self.token_label(sel.token, sel.merge)
+        if sel.daam:
+            stack, layer, step = self.text_aggregate_all(sel.first, sel.last), ALL_LAYERS, sel.last
+            title = f"word → image · '{label}' · all {len(self.text_layers)} layers · steps {sel.first}–{sel.last}"
+        else:
+            layer, step = self.drawn_layer("text", sel.layer), sel.step
+            stack = self.text_all_tokens(layer, step)
+            title = f"word → image · '{label}' · {self.layer_text(layer)} · step {step}"
+        raw = stack[rows].mean(axis=0)
+        low, high = (0.0, float(stack.max())) if sel.shared else (float(raw.min()), float(raw.max()))
+        if not high > low:
+            high = low + 1e-6
+        return Heat(map=np.asarray(raw, np.float32), low=low, high=high, title=title, step=step, layer=layer)
+
     # ---- self attention ----------------------------------------------------------------
 
     def probe_layer_map(self, layer: int, step: int, qx: float, qy: float) -> np.ndarray:
@@ -478,7 +603,7 @@ class RunData:
 
     def drawn_layer(self, kind: str, layer: str) -> str:
         """``layer`` if it has maps of ``kind``, else all layers."""
-        layers = self.cross_layers if kind == "cross" else self.self_layers
+        layers = self._layers_of(kind)
         return layer if layer == ALL_LAYERS or (layer.isdigit() and int(layer) in layers) else ALL_LAYERS
 
     def layer_text(self, layer: str) -> str:
@@ -579,6 +704,9 @@ class RunData:
             layers = self.cross_layers if str(layer) == ALL_LAYERS else [int(layer)]
             for index in layers:
                 self.layer_cross(index, step, head)
+            drawn = self.drawn_layer("text", str(layer))
+            for index in self.text_layers if drawn == ALL_LAYERS else [int(drawn)]:
+                self.run.text(index, step)
 
 
 # --------------------------------------------------------------------------- two runs

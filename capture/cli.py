@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: float32 on CPU/MPS, float16 on CUDA)")
     p.add_argument("--per-head", action="store_true",
                    help="keep every head's cross maps ([heads, T, h, w]) instead of their mean")
+    p.add_argument("--concept-maps", action="store_true",
+                   help="MM-DiT models (SD3, Flux): also store output-space concept maps (ConceptAttention-style)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

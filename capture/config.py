@@ -69,6 +69,8 @@ class GenerateConfig:
     dtype: str | None = None
     #: cross maps kept per head ([heads, T, h, w]) instead of their mean
     per_head: bool = False
+    #: MM-DiT families: also store output-space concept maps (ConceptAttention-style)
+    concept_maps: bool = False
 
     def __post_init__(self):
         # One side given: a square image of that side.
@@ -175,6 +177,12 @@ class GenerateConfig:
         return self
 
 
+#: Models shipped inside the package, selected by name (``--model toyworld-mmdit``).
+NAMED_MODELS: dict[str, Path] = {
+    "toyworld-mmdit": Path(__file__).resolve().parent / "toyworld" / "model_mmdit",
+}
+
+
 def model_source(model: str | None) -> tuple[str, str]:
     """``("default" | "folder" | "hub", location)`` for a ``--model`` value; ConfigError if it cannot be either.
 
@@ -183,6 +191,8 @@ def model_source(model: str | None) -> tuple[str, str]:
     """
     if model is None:
         return "default", ""
+    if model in NAMED_MODELS:
+        return "folder", str(NAMED_MODELS[model])
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         return "folder", str(path)
@@ -245,5 +255,6 @@ _FIELD_KINDS = {
     "save_latents_noise": "bool", "overwrite_output": "bool", "max_dataset_mb": "float",
     "enforce_size_limit": "bool", "fail_on_shape_error": "bool", "device": "str", "output_dir": "str",
     "model": "str?", "seed": "int", "height": "int?", "width": "int?", "dtype": "str?", "per_head": "bool",
+    "concept_maps": "bool",
 }
 assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(GenerateConfig)}

@@ -16,13 +16,12 @@ import transformers
 transformers.utils.logging.set_verbosity_error()  # before diffusers: silences its optional-backend notices
 transformers.utils.logging.disable_progress_bar()
 
-from diffusers import DDIMScheduler  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 diffusers_logging.set_verbosity_error()  # its loader's advice (accelerate, low_cpu_mem_usage) is not the user's problem
 
 from capture import families  # noqa: E402
-from capture.config import ConfigError, model_source  # noqa: E402
+from capture.config import NAMED_MODELS, ConfigError, model_source  # noqa: E402
 from capture.families import DEFAULT_MODEL_DIR, Family, ModelLoadError, Peek, one_line  # noqa: E402,F401
 
 DEFAULT_MODEL_ID = "toyworld"
@@ -61,6 +60,8 @@ def model_info(model: str | None) -> dict:
     source, location = model_source(model)
     if source == "default":
         return {"source": "default", "id": DEFAULT_MODEL_ID}
+    if model in NAMED_MODELS:   # a shipped model chosen by name is recorded by that name
+        return {"source": source, "id": model}
     return {"source": source, "id": location if source == "hub" else Path(location).name or location}
 
 
@@ -85,9 +86,7 @@ def load_pipeline(model: str | None = None, device: str = "auto", dtype: str | N
             pipe = family.load(str(folder) if folder else location, local=folder is not None, dtype=_DTYPES[dtype])
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line
             raise ModelLoadError(f"could not load model {model or DEFAULT_MODEL_ID!r}: {one_line(exc)}") from exc
-        if not isinstance(pipe.scheduler, DDIMScheduler):
-            # DDIM's step output carries pred_original_sample, which the x̂0 previews show.
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        family.use_scheduler(pipe)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         _cache[key] = pipe

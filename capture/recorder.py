@@ -82,6 +82,8 @@ class LayerPlan:
     heads: int = 1                              # the layer's attention heads
     per_head: bool = False                      # cross maps kept per head ([heads, T, h, w])
     kind: str = "unet"                          # metadata.layers[].kind
+    text: bool = False                          # joint layers: text->image maps at the cross grid
+    concept: bool = False                       # joint layers: output-space concept maps at the cross grid
 
     def cross_shape(self, tokens: int) -> list[int] | None:
         if self.cross_grid is None:
@@ -94,10 +96,18 @@ class LayerPlan:
         n = self.self_grid[0] * self.self_grid[1]
         return [n, n]
 
+    def grid_shape(self, tokens: int, on: bool) -> list[int] | None:
+        """``[T, h, w]`` at the cross grid (text and concept maps), or None when not recorded."""
+        return [tokens, *self.cross_grid] if on and self.cross_grid is not None else None
+
     def to_metadata(self, tokens: int) -> dict:
-        return {"index": self.index, "name": self.name, "block": self.block, "kind": self.kind,
+        meta = {"index": self.index, "name": self.name, "block": self.block, "kind": self.kind,
                 "native": list(self.native), "heads": self.heads, "cross_shape": self.cross_shape(tokens),
                 "self_shape": self.self_shape(), "self_grid": None if self.self_grid is None else list(self.self_grid)}
+        if self.kind != "unet":
+            meta["text_shape"] = self.grid_shape(tokens, self.text)
+            meta["concept_shape"] = self.grid_shape(tokens, self.concept)
+        return meta
 
 
 def layer_names(unet) -> list[str]:
@@ -127,18 +137,26 @@ def select_layers(unet, patterns: Sequence[str] = (), max_layers: int | None = N
     Every pattern must match something, else :class:`LayerSelectionError` lists the valid names.
     The cap keeps ``max_layers`` layers evenly spaced along the UNet (so down, mid and up stay represented).
     """
-    names = layer_names(unet)
+    return choose_layers(layer_names(unet), (SELF, CROSS), patterns, max_layers)
+
+
+def choose_layers(names: Sequence[str], processors: Sequence[str], patterns: Sequence[str] = (),
+                  max_layers: int | None = None) -> list[str]:
+    """:func:`select_layers` over any family's layer ``names`` (in data-flow order), whose attention modules
+    are ``processors`` (``attn1``/``attn2`` in a UNet block, ``attn`` in an MM-DiT block)."""
+    names = list(names)
     chosen = names
     if patterns:
         hit: set[str] = set()
         for pattern in patterns:
             matched = {n for n in names
                        if fnmatch.fnmatchcase(n, pattern)
-                       or any(fnmatch.fnmatchcase(f"{n}.{kind}.processor", pattern) for kind in (SELF, CROSS))}
+                       or any(fnmatch.fnmatchcase(f"{n}.{kind}.processor", pattern) for kind in processors)}
             if not matched:
+                suffixes = " / ".join(f".{kind}.processor" for kind in processors)
                 raise LayerSelectionError(
                     f"layer pattern {pattern!r} matches no layer; valid layers: {', '.join(names)} "
-                    f"(processor names add .attn1.processor / .attn2.processor)")
+                    f"(processor names add {suffixes})")
             hit |= matched
         chosen = [n for n in names if n in hit]
     if max_layers is not None and len(chosen) > max_layers:
@@ -352,6 +370,8 @@ class StepMaps:
     step: int
     cross: dict[int, np.ndarray] = field(default_factory=dict)
     self_: dict[int, np.ndarray] = field(default_factory=dict)
+    text: dict[int, np.ndarray] = field(default_factory=dict)      # joint layers: [T, h, w] text->image
+    concept: dict[int, np.ndarray] = field(default_factory=dict)   # joint layers: [T, h, w] concept maps
 
 
 class PendingMaps:
@@ -374,6 +394,8 @@ class AttentionRecorder:
         self.unet = unet
         self.layers = list(plans)
         self.context_length = int(context_length)
+        #: the text-sequence position of each recorded cross row (a UNet block sees every context slot)
+        self.key_positions = list(range(self.context_length))
         self.fail_on_shape_error = fail_on_shape_error
         self.on_step = on_step
         self.steps: list[StepMaps] = []         # kept only when there is no on_step handler
@@ -518,16 +540,20 @@ class AttentionRecorder:
 def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None = None, cross: bool = True,
                      self_: bool = True, resolution: int = 32, self_resolution: int = 16,
                      height: int | None = None, width: int | None = None, fail_on_shape_error: bool = False,
-                     per_head: bool = False, on_step: Callable[[StepMaps], None] | None = None
-                     ) -> Iterator[AttentionRecorder]:
-    """Record the chosen layers of ``pipe.unet`` while the block runs; the original processors come back after.
+                     per_head: bool = False, on_step: Callable[[StepMaps], None] | None = None,
+                     prompt: str | None = None, concept: bool = False) -> Iterator[AttentionRecorder]:
+    """Record the chosen layers of the pipeline's denoiser (UNet or MM-DiT transformer) while the block runs;
+    the original processors come back after.
 
     ``height``/``width`` are the image size in pixels (default: the model's native size). Grids that do
     not pool evenly warn (:class:`ShapeWarning`) or, with ``fail_on_shape_error``, raise before anything runs.
+    MM-DiT families store the rows of ``prompt``'s tokens (``rec.key_positions``: their places in the text
+    sequence); without a prompt, every text slot.
     """
     recorder = build_recorder(pipe, layers=layers, max_layers=max_layers, cross=cross, self_=self_,
                               resolution=resolution, self_resolution=self_resolution, height=height, width=width,
-                              fail_on_shape_error=fail_on_shape_error, per_head=per_head, on_step=on_step)
+                              fail_on_shape_error=fail_on_shape_error, per_head=per_head, on_step=on_step,
+                              prompt=prompt, concept=concept)
     recorder.install()
     try:
         yield recorder
@@ -539,17 +565,31 @@ def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None
 def build_recorder(pipe, *, layers: Sequence[str] = (), max_layers: int | None = None, cross: bool = True,
                    self_: bool = True, resolution: int = 32, self_resolution: int = 16, height: int | None = None,
                    width: int | None = None, fail_on_shape_error: bool = False, per_head: bool = False,
-                   on_step: Callable[[StepMaps], None] | None = None) -> AttentionRecorder:
-    """An :class:`AttentionRecorder` for ``pipe`` (not installed yet); see :func:`record_attention`."""
-    vsf = int(pipe.vae_scale_factor)
-    side = int(pipe.unet.config.sample_size) * vsf
-    latent_hw = ((height or side) // vsf, (width or side) // vsf)
-    plans, problems = plan_layers(pipe.unet, latent_hw, patterns=layers, max_layers=max_layers, cross=cross,
-                                  self_=self_, resolution=resolution, self_resolution=self_resolution,
-                                  per_head=per_head)
+                   on_step: Callable[[StepMaps], None] | None = None, prompt: str | None = None,
+                   concept: bool = False) -> AttentionRecorder:
+    """A recorder for ``pipe`` (not installed yet), planned by its model family; see :func:`record_attention`."""
+    from types import SimpleNamespace
+
+    from capture import families
+    from capture.families import TokenInfo
+
+    family = families.for_pipeline(pipe)
+    peek = family.peek_pipe(pipe)
+    native_h, native_w = family.native_size(peek)
+    vsf = peek.vae_scale_factor
+    latent_hw = ((height or native_h) // vsf, (width or native_w) // vsf)
+    flags = SimpleNamespace(layers=tuple(layers), max_layers=max_layers, include_cross_attention=cross,
+                            include_self_attention=self_, attention_resolution=resolution,
+                            self_attention_resolution=self_resolution, per_head=per_head, concept_maps=concept)
+    plans, problems = family.plan(peek, latent_hw, flags)
     settle(problems, fail_on_shape_error)
-    return AttentionRecorder(pipe.unet, plans, context_length=context_length(pipe),
-                             fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+    if prompt is not None:
+        tokens = family.tokens(peek.tokenizers, prompt)
+    else:  # every slot of the text sequence, as a UNet block sees them
+        slots = [{"index": i, "special": True, "text": "", "word": None} for i in range(peek.context_length)]
+        tokens = TokenInfo(slots, [], "")
+    return family.recorder(pipe, plans, tokens, context_length=peek.context_length,
+                           fail_on_shape_error=fail_on_shape_error, on_step=on_step)
 
 
 def settle(problems: Sequence[str], fail_on_shape_error: bool) -> None:
@@ -559,7 +599,3 @@ def settle(problems: Sequence[str], fail_on_shape_error: bool) -> None:
     for problem in problems:
         warnings.warn(problem, ShapeWarning, stacklevel=3)
 
-
-def context_length(pipe) -> int:
-    """Keys in the full cross-attention distribution: the tokenizer's padded length."""
-    return int(pipe.tokenizer.model_max_length)

@@ -47,11 +47,12 @@ class SizeWarning(UserWarning):
 class _SchedulerTap:
     """Wraps ``scheduler.step`` (on the instance) to see x_t, the noise it was given and x̂0."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, family: Family):
         self.scheduler = scheduler
+        self.family = family
         self.first_sample = None     # x_T
-        self.noise = None            # the model_output of the last step (guided ε)
-        self.x0 = None               # pred_original_sample of the last step
+        self.noise = None            # the model_output of the last step (guided ε, or v for flow matching)
+        self.x0 = None               # x̂0 of the last step, as the family derives it
         self._step = scheduler.step
 
     def __enter__(self):
@@ -62,7 +63,7 @@ class _SchedulerTap:
             if self.first_sample is None:
                 self.first_sample = sample
             self.noise = model_output
-            self.x0 = getattr(out, "pred_original_sample", None)
+            self.x0 = self.family.x0(self.scheduler, sample, model_output, out)
             return out if return_dict else out.to_tuple()
 
         self.scheduler.step = step
@@ -98,8 +99,9 @@ class _StepWriter:
     writes the last step."""
 
     def __init__(self, pipe, family: Family, recorder: AttentionRecorder, tap: _SchedulerTap, writer: RunWriter, *,
-                 num_tokens: int, total: int, emit: Callable[[Progress], None], cancel):
+                 num_tokens: int, total: int, emit: Callable[[Progress], None], cancel, size: tuple[int, int]):
         self.pipe, self.family, self.recorder, self.tap, self.writer = pipe, family, recorder, tap, writer
+        self.size = size
         self.num_tokens, self.total, self.emit, self.cancel = num_tokens, total, emit, cancel
         self.latents: list[np.ndarray] = []           # x_T, then the latents after each step
         self.noise: list[np.ndarray] = []
@@ -111,9 +113,10 @@ class _StepWriter:
     def __call__(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled; nothing was written")
-        tensors = {"latents": kwargs["latents"][-1], "noise": self.tap.noise[-1], "image": self._preview()}
+        tensors = {"latents": self._grid(kwargs["latents"])[-1], "noise": self._grid(self.tap.noise)[-1],
+                   "image": self._preview()}
         if step == 0:
-            tensors["first"] = self.tap.first_sample[-1]
+            tensors["first"] = self._grid(self.tap.first_sample)[-1]
         pending = _PendingStep(step, int(timestep), self.recorder.start_copy(),
                                {k: _to_host(v) for k, v in tensors.items()})
         self.flush()
@@ -139,14 +142,17 @@ class _StepWriter:
         self.writer.write_step(
             waiting.step, image=arrays["image"],
             cross={layer: full[..., : self.num_tokens, :, :] for layer, full in maps.cross.items()},
-            self_=maps.self_)
+            self_=maps.self_, text=maps.text, concept=maps.concept)
         self.emit(Progress("denoising", waiting.step + 1, self.total, f"t={waiting.timestep}"))
+
+    def _grid(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.family.unpack(self.pipe, latents, *self.size)
 
     def _preview(self) -> torch.Tensor:
         x0 = self.tap.x0
         if x0 is None:
             raise RuntimeError(f"{type(self.pipe.scheduler).__name__}.step gives no pred_original_sample")
-        return self.family.decode_preview(self.pipe, x0)
+        return self.family.decode_preview(self.pipe, self._grid(x0))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -233,7 +239,7 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
     if config.fail_on_shape_error or warn:
         settle(problems, config.fail_on_shape_error)
     tokens = family.tokens(peek.tokenizers, config.prompt)
-    latent_shape = [int(peek.denoiser.config.in_channels), height // vsf, width // vsf]
+    latent_shape = [family.latent_channels(peek), height // vsf, width // vsf]
     layers = [plan.to_metadata(len(tokens.tokens)) for plan in plans]
     _check_map_caps(layers)
     projected = contract.projected_bytes(
@@ -262,22 +268,23 @@ def _check_map_caps(layers: list[dict]) -> None:
 
 def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) -> Path:
     family, height, width = prepared.family, prepared.height, prepared.width
-    recorder = AttentionRecorder(pipe.unet, prepared.plans, context_length=prepared.peek.context_length,
-                                 fail_on_shape_error=config.fail_on_shape_error)
+    recorder = family.recorder(pipe, prepared.plans, prepared.tokens, context_length=prepared.peek.context_length,
+                               fail_on_shape_error=config.fail_on_shape_error)
     tokens, latent_shape = prepared.tokens.tokens, prepared.latent_shape
     limit = int(config.max_dataset_mb * 1e6)
+    kwargs = family.pipeline_kwargs(config, prepared.peek)
 
-    device = next(pipe.unet.parameters()).device
+    device = next(family.denoiser(pipe).parameters()).device
     writer = RunWriter(config.output_dir, overwrite=config.overwrite_output)
-    with writer, torch.no_grad(), _SchedulerTap(pipe.scheduler) as tap:
+    with writer, torch.no_grad(), _SchedulerTap(pipe.scheduler, family) as tap:
         step_writer = _StepWriter(pipe, family, recorder, tap, writer, num_tokens=len(tokens),
-                                  total=config.num_steps, emit=emit, cancel=cancel)
+                                  total=config.num_steps, emit=emit, cancel=cancel, size=(height, width))
         emit(Progress("denoising", 0, config.num_steps))
         recorder.install()
         try:
             out = pipe(config.prompt, num_inference_steps=config.num_steps, height=height, width=width,
                        generator=torch.Generator("cpu").manual_seed(config.seed), output_type="np",
-                       callback_on_step_end=step_writer, **family.pipeline_kwargs(config))
+                       callback_on_step_end=step_writer, **kwargs)
             step_writer.flush()
         finally:
             recorder.remove()
@@ -321,11 +328,17 @@ def _metadata(config: GenerateConfig, pipe, prepared: Prepared, recorder: Attent
     tokens = info.tokens
     cross_on = config.include_cross_attention and bool(recorder.layers)
     self_on = config.include_self_attention and bool(recorder.layers)
+    joint = any(plan.kind != "unet" for plan in recorder.layers)
+    extra = {}
+    if joint:
+        extra = {"text": {"enabled": any(plan.text for plan in recorder.layers), "sum_rule": contract.TEXT_SUM_RULE},
+                 "concept": {"enabled": any(plan.concept for plan in recorder.layers),
+                             "sum_rule": contract.CONCEPT_SUM_RULE}}
     return {
         "run": {
             "prompt": config.prompt, "negative_prompt": config.negative_prompt, "cfg_scale": config.cfg_scale,
             "num_steps": config.num_steps, "seed": config.seed, "height": prepared.height, "width": prepared.width,
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "device": device,
+            "dtype": str(prepared.family.denoiser(pipe).dtype).replace("torch.", ""), "device": device,
             "scheduler": type(pipe.scheduler).__name__, "model": pipeline_mod.model_info(config.model),
             "layer_patterns": list(config.layers), "max_layers": config.max_layers,
         },
@@ -339,12 +352,14 @@ def _metadata(config: GenerateConfig, pipe, prepared: Prepared, recorder: Attent
         "noise_source": NOISE_SOURCE,
         "preview": PREVIEW,
         "attention": {
-            "cfg_half": "conditional" if pipe.do_classifier_free_guidance else "all (no CFG batch)",
+            "cfg_half": prepared.family.cfg_half(pipe),
             "heads": "per_head" if config.per_head else "mean",
             "cross": {"enabled": cross_on, "resolution": config.attention_resolution, "tokens": "prompt",
-                      "full_distribution": len(tokens) == context, "sum_rule": contract.CROSS_SUM_RULE},
+                      "full_distribution": not joint and len(tokens) == context,
+                      "sum_rule": contract.JOINT_CROSS_SUM_RULE if joint else contract.CROSS_SUM_RULE},
             "self": {"enabled": self_on, "resolution": config.self_attention_resolution,
-                     "sum_rule": contract.SELF_SUM_RULE},
+                     "sum_rule": contract.JOINT_SELF_SUM_RULE if joint else contract.SELF_SUM_RULE},
+            **extra,
         },
         "layers": recorder.layer_metadata_for(len(tokens)),
     }

@@ -35,13 +35,24 @@ BIN_ITEMSIZE = 2
 
 #: Manifest ``kind`` values.
 KIND_CROSS, KIND_SELF, KIND_IMAGE, KIND_LATENTS, KIND_JSON = "cross", "self", "image", "latents", "json"
-KINDS = (KIND_CROSS, KIND_SELF, KIND_IMAGE, KIND_LATENTS, KIND_JSON)
+#: Joint-attention files (schema 2): text->image maps, and output-space concept maps (``--concept-maps``).
+KIND_TEXT, KIND_CONCEPT = "text", "concept"
+KINDS = (KIND_CROSS, KIND_SELF, KIND_IMAGE, KIND_LATENTS, KIND_JSON, KIND_TEXT, KIND_CONCEPT)
+#: The map kinds, each with its ``layers[]`` shape key and folder under ``attention/``.
+MAP_KINDS = (KIND_CROSS, KIND_SELF, KIND_TEXT, KIND_CONCEPT)
 
 #: Tolerance for the attention sum rules, sized for float16 storage
 #: (each value carries a relative error up to 2**-11).
 SUM_TOLERANCE = 1e-2
 CROSS_SUM_RULE = "stored maps sum to <= 1 over tokens; == 1 only if full_distribution"
 SELF_SUM_RULE = "each row sums to 1"
+#: In an MM-DiT the softmax runs over [image; text] keys, so neither part of an image query's row sums to 1.
+JOINT_CROSS_SUM_RULE = ("image->text: each image cell's attention to the stored tokens sums to < 1 (the softmax "
+                        "also covers the image keys)")
+JOINT_SELF_SUM_RULE = "image->image: each row sums to < 1 (the softmax also covers the text keys)"
+TEXT_SUM_RULE = "text->image: each token's attention to the image cells sums to <= 1 (the softmax also covers text keys)"
+CONCEPT_SUM_RULE = ("each image cell is a softmax over the content-word tokens' output vectors: those rows sum to 1, "
+                    "other tokens' rows are 0")
 
 #: ``attention.heads``: cross maps averaged over heads, or kept per head (schema 2 only).
 HEADS_MEAN, HEADS_PER_HEAD = "mean", "per_head"
@@ -84,7 +95,7 @@ MAX_PROBLEMS = 20
 
 def kind_byte_cap(kind: str, name: str = "") -> int:
     """The most bytes a listed file of this manifest ``kind`` may have."""
-    if kind in (KIND_CROSS, KIND_SELF):
+    if kind in MAP_KINDS:
         return MAX_MAP_BYTES
     if kind == KIND_IMAGE:
         return MAX_IMAGE_BYTES
@@ -130,6 +141,18 @@ def cross_path(layer: int, step: int) -> str:
 
 def self_path(layer: int, step: int) -> str:
     return f"attention/self/layer_{int(layer)}_step_{int(step):03d}.bin"
+
+
+def map_path(kind: str, layer: int, step: int) -> str:
+    """``attention/{kind}/layer_{L}_step_{S:03d}.bin`` for any of :data:`MAP_KINDS`."""
+    if kind not in MAP_KINDS:
+        raise ValueError(f"not a map kind: {kind!r}")
+    return f"attention/{kind}/layer_{int(layer)}_step_{int(step):03d}.bin"
+
+
+def shape_key(kind: str) -> str:
+    """The ``layers[]`` key of a map kind's stored shape: ``cross_shape``, ``self_shape``, ``text_shape``, ..."""
+    return f"{kind}_shape"
 
 
 def image_path(step: int) -> str:
@@ -237,7 +260,7 @@ def projected_bytes(
     layer_count = 0
     for layer in layers:
         layer_count += 1
-        for key in ("cross_shape", "self_shape"):
+        for key in map(shape_key, MAP_KINDS):
             shape = layer.get(key)
             if shape:
                 total += n * shape_bytes(shape)

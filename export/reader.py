@@ -357,6 +357,25 @@ class Run:
     def has_self(self) -> bool:
         return bool(self.metadata["attention"].get("self", {}).get("enabled"))
 
+    @property
+    def has_text(self) -> bool:
+        """Text->image maps recorded (joint layers of MM-DiT runs)."""
+        return bool(self.metadata["attention"].get("text", {}).get("enabled"))
+
+    @property
+    def has_concept(self) -> bool:
+        """Output-space concept maps recorded (``--concept-maps``)."""
+        return bool(self.metadata["attention"].get("concept", {}).get("enabled"))
+
+    @property
+    def token_sets(self) -> list[dict[str, Any]]:
+        """``metadata.token_sets`` (schema 1: none)."""
+        return list(self.metadata.get("token_sets") or [])
+
+    def layer_kind(self, layer: int) -> str:
+        """``unet``, ``joint`` or ``single`` (schema 1 runs are UNet runs)."""
+        return str(self._layer(layer).get("kind") or "unet")
+
     def layer_index(self, name: str) -> int:
         try:
             return self.layer_names.index(name)
@@ -448,6 +467,16 @@ class Run:
         """Pooled self-attention map, float32 ``[s*s, s*s]`` (query grid x key grid, read-only)."""
         self._check_index(layer, step)
         return self._map(contract.self_path(layer, step), contract.KIND_SELF)
+
+    def text(self, layer: int, step: int) -> np.ndarray:
+        """Where each token looks: its text->image map, float32 ``[T, h, w]`` (read-only; joint layers)."""
+        self._check_index(layer, step)
+        return self._map(contract.map_path(contract.KIND_TEXT, layer, step), contract.KIND_TEXT)
+
+    def concept(self, layer: int, step: int) -> np.ndarray:
+        """Output-space concept maps, float32 ``[T, h, w]`` (read-only; ``--concept-maps`` runs)."""
+        self._check_index(layer, step)
+        return self._map(contract.map_path(contract.KIND_CONCEPT, layer, step), contract.KIND_CONCEPT)
 
     def image(self, step: int) -> np.ndarray:
         """The decoded x̂0 preview of a step, uint8 ``[H, W, 3]`` (read-only)."""

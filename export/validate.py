@@ -239,15 +239,19 @@ class _Checker:
         if m["run"]["num_steps"] != n:
             self.problem(f"metadata.json: run.num_steps is {m['run']['num_steps']} but there are {n} timesteps")
         self.t = len(m["tokens"])
+        previous = -1
         for i, tok in enumerate(m["tokens"]):
-            if tok["index"] != i:
+            # Schema 1: row i is key i. Schema 2: rows follow the text sequence (token sets may start past 0).
+            if tok["index"] != i if self.version == 1 else not previous < tok["index"] < m["context_length"]:
                 self.problem(f"metadata.json: tokens[{i}].index is {tok['index']}")
                 break
+            previous = tok["index"]
             if tok["word"] is not None and tok["word"] >= len(m["words"]):
                 self.problem(f"metadata.json: tokens[{i}].word {tok['word']} is past the {len(m['words'])} words")
                 break
         names = set()
         cross_on = self_on = False
+        extra_on = {contract.KIND_TEXT: False, contract.KIND_CONCEPT: False}
         att = m["attention"]
         for i, layer in enumerate(m["layers"]):
             where = f"metadata.json: layers[{i}]"
@@ -266,10 +270,19 @@ class _Checker:
             grid = self.check_self_shape(where, layer, ss)
             if grid is not None:
                 self.check_pooled(where, "self", grid, att["self"]["resolution"], native)
+            for kind in (contract.KIND_TEXT, contract.KIND_CONCEPT):
+                shape = layer.get(contract.shape_key(kind))
+                extra_on[kind] |= shape is not None
+                if shape is not None and (cs is None or list(shape) != contract.cross_shape(self.t, cs[-2:])):
+                    self.problem(f"{where}.{contract.shape_key(kind)} {shape} is not [T, h, w] of its cross_shape {cs}")
         if cross_on != att["cross"]["enabled"]:
             self.problem(f"metadata.json: attention.cross.enabled is {att['cross']['enabled']} but layers say {cross_on}")
         if self_on != att["self"]["enabled"]:
             self.problem(f"metadata.json: attention.self.enabled is {att['self']['enabled']} but layers say {self_on}")
+        for kind, on in extra_on.items():
+            if on != bool(att.get(kind, {}).get("enabled")):
+                self.problem(f"metadata.json: attention.{kind}.enabled is {bool(att.get(kind, {}).get('enabled'))} "
+                             f"but layers say {on}")
         if self.t > m["context_length"]:
             self.problem(f"metadata.json: {self.t} tokens exceed context_length {m['context_length']}")
         if att["cross"]["full_distribution"] and self.t != m["context_length"]:
@@ -333,6 +346,12 @@ class _Checker:
                 self.problem(f"{where}.encoder {ts['encoder']!r} is not in family.text_encoders")
             if ts["offset"] + ts["length"] > m["context_length"]:
                 self.problem(f"{where}: offset {ts['offset']} + length {ts['length']} exceeds context_length {m['context_length']}")
+        spans = {ts["encoder"]: range(ts["offset"], ts["offset"] + ts["length"]) for ts in m["token_sets"]}
+        for i, tok in enumerate(m["tokens"]):
+            if "set" in tok and tok["index"] not in spans.get(tok["set"], range(0)):
+                self.problem(f"metadata.json: tokens[{i}] (index {tok['index']}) is not inside its token set "
+                             f"{tok['set']!r}")
+                break
 
     # ------------------------------------------------------------------ files
     def check_files(self) -> dict[str, dict[str, Any]]:
@@ -365,7 +384,7 @@ class _Checker:
 
     def check_file(self, rel: str, entry: dict[str, Any]) -> None:
         kind = entry["kind"]
-        if kind in (contract.KIND_CROSS, contract.KIND_SELF):
+        if kind in contract.MAP_KINDS:
             if entry["dtype"] != contract.BIN_DTYPE:
                 raise DatasetError(f"dtype {entry['dtype']!r} is not {contract.BIN_DTYPE!r}")
             if entry["bytes"] != contract.shape_bytes(entry["shape"]):
@@ -384,7 +403,11 @@ class _Checker:
         if kind == contract.KIND_CROSS:
             self.check_cross(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
         elif kind == contract.KIND_SELF:
-            self.check_self(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
+            self.check_self(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]), joint=self.is_joint(rel))
+        elif kind == contract.KIND_TEXT:
+            self.check_text(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
+        elif kind == contract.KIND_CONCEPT:
+            self.check_concept(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
         elif kind == contract.KIND_IMAGE:
             self.check_image(rel, data, entry)
 
@@ -422,12 +445,35 @@ class _Checker:
             if full and np.abs(sums - 1).max() > tol:
                 raise DatasetError(f"{which}full_distribution is true but sums over tokens range {sums.min():.4f}..{sums.max():.4f}, not 1 ± {tol:g}")
 
-    def check_self(self, a: np.ndarray) -> None:
+    def is_joint(self, rel: str) -> bool:
+        """Whether the map file ``rel`` belongs to a joint or single-stream (MM-DiT) layer."""
+        try:
+            layer = int(rel.rsplit("/", 1)[-1].split("_")[1])
+            return self.meta["layers"][layer].get("kind", "unet") != "unet"
+        except (ValueError, IndexError):
+            return False
+
+    def check_self(self, a: np.ndarray, *, joint: bool = False) -> None:
         a64 = self._finite_nonneg(a)
         rows = a64.sum(axis=1)
         tol = contract.SUM_TOLERANCE
-        if rows.size and np.abs(rows - 1).max() > tol:
+        if joint:
+            if rows.size and rows.max() > 1 + tol:
+                raise DatasetError(f"rows reach {rows.max():.4f} > 1 + {tol:g} ({contract.JOINT_SELF_SUM_RULE})")
+        elif rows.size and np.abs(rows - 1).max() > tol:
             raise DatasetError(f"rows sum to {rows.min():.4f}..{rows.max():.4f}, not 1 ± {tol:g} ({contract.SELF_SUM_RULE})")
+
+    def check_text(self, a: np.ndarray) -> None:
+        a64 = self._finite_nonneg(a)
+        sums = a64.reshape(a64.shape[0], -1).sum(axis=1)
+        if sums.size and sums.max() > 1 + contract.SUM_TOLERANCE:
+            raise DatasetError(f"a token's sum over the image reaches {sums.max():.4f} ({contract.TEXT_SUM_RULE})")
+
+    def check_concept(self, a: np.ndarray) -> None:
+        sums = self._finite_nonneg(a).sum(axis=0)
+        tol = contract.SUM_TOLERANCE
+        if sums.size and np.abs(sums - 1).max() > tol and sums.max() > tol:
+            raise DatasetError(f"sums over tokens range {sums.min():.4f}..{sums.max():.4f} ({contract.CONCEPT_SUM_RULE})")
 
     def check_image(self, rel: str, data: bytes, entry: dict[str, Any]) -> None:
         from PIL import Image
@@ -467,6 +513,9 @@ class _Checker:
                     expected[contract.cross_path(layer["index"], s)] = (contract.KIND_CROSS, layer["cross_shape"])
                 if layer["self_shape"] is not None:
                     expected[contract.self_path(layer["index"], s)] = (contract.KIND_SELF, layer["self_shape"])
+                for kind in (contract.KIND_TEXT, contract.KIND_CONCEPT):
+                    if layer.get(contract.shape_key(kind)) is not None:
+                        expected[contract.map_path(kind, layer["index"], s)] = (kind, layer[contract.shape_key(kind)])
         for name in contract.JSON_FILES:
             expected[name] = (contract.KIND_JSON, None)
         return expected

@@ -32,11 +32,12 @@ class Word:
 
 
 def clean_token(text: Any) -> str:
-    """A tokenizer piece as shown: CLIP's end-of-word mark ``</w>`` dropped; an empty piece as ``␣``."""
+    """A tokenizer piece as shown: CLIP's end-of-word mark ``</w>`` and SentencePiece's word-start mark ``▁``
+    (T5) dropped; an empty piece as ``␣``."""
     text = str(text)
     if text.endswith("</w>"):
         text = text[:-4]
-    return text or "␣"
+    return text.removeprefix("\u2581") or "␣"
 
 
 def token_text(token: Mapping[str, Any]) -> str:
@@ -64,18 +65,18 @@ def words(tokens: Sequence[Mapping[str, Any]], word_list: Sequence[str] | None =
 
     A word's label is ``word_list[word]`` when the list has it, else its pieces joined."""
     word_list = list(word_list or [])
-    rows_of: dict[int, list[int]] = {}
+    rows_of: dict[tuple, list[int]] = {}   # a word merges within its token set (SD3's CLIP and T5 both spell it)
     for i, token in enumerate(tokens):
         word = word_of(token)
         if word is not None:
-            rows_of.setdefault(word, []).append(i)
+            rows_of.setdefault((token.get("set"), word), []).append(i)
     out: list[Word] = []
     for i, token in enumerate(tokens):
         word = word_of(token)
         if word is None:
             out.append(Word(token_text(token), (i,), is_content(tokens, [i]), None))
             continue
-        rows = rows_of[word]
+        rows = rows_of[(token.get("set"), word)]
         if rows[0] != i:
             continue  # a later piece of a word already listed
         label = word_list[word] if 0 <= word < len(word_list) else "".join(token_text(tokens[r]) for r in rows)

@@ -250,9 +250,11 @@ class RunWriter:
 
     def _check_layer_shape(self, kind: str, layer: int, shape: tuple[int, ...]) -> None:
         # Cross: [T, h, w] (head-mean) or [heads, T, h, w] (per head); grids may be non-square.
-        # Self: [sh*sw, sh*sw], query cells x key cells.
+        # Text and concept: [T, h, w]. Self: [sh*sw, sh*sw], query cells x key cells.
         if kind == contract.KIND_CROSS:
             ok, expected = len(shape) in (3, 4), "[T, h, w] or [heads, T, h, w]"
+        elif kind in (contract.KIND_TEXT, contract.KIND_CONCEPT):
+            ok, expected = len(shape) == 3, "[T, h, w]"
         else:
             ok, expected = len(shape) == 2 and shape[0] == shape[1], "[s*s, s*s]"
         if not ok:
@@ -272,18 +274,18 @@ class RunWriter:
         image: Any = None,
         cross: Mapping[int, Any] | None = None,
         self_: Mapping[int, Any] | None = None,
+        text: Mapping[int, Any] | None = None,
+        concept: Mapping[int, Any] | None = None,
     ) -> None:
-        """Write one denoising step now: its preview PNG and its maps ``{layer_index: array}``."""
+        """Write one denoising step now: its preview PNG and its maps ``{layer_index: array}`` of each kind."""
         if image is not None:
             self.write_image(contract.image_path(step), image)
-        for kind, maps, path_of in (
-            (contract.KIND_CROSS, cross, contract.cross_path),
-            (contract.KIND_SELF, self_, contract.self_path),
-        ):
+        for kind, maps in ((contract.KIND_CROSS, cross), (contract.KIND_SELF, self_),
+                           (contract.KIND_TEXT, text), (contract.KIND_CONCEPT, concept)):
             for layer, array in (maps or {}).items():
                 arr = np.asarray(array)
                 self._check_layer_shape(kind, int(layer), tuple(int(n) for n in arr.shape))
-                self.write_map(path_of(layer, step), arr, kind=kind)
+                self.write_map(contract.map_path(kind, layer, step), arr, kind=kind)
 
     # ------------------------------------------------------------------ finishing
     def finish(

@@ -166,3 +166,156 @@ def write_synthetic_run(
         w.finish(metadata, metrics, latent_pca_record(latents[1:]),
                  latents=latents if save_latents else None, noise=noise if save_latents else None)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- joint (MM-DiT) runs
+
+T5_END = "</s>"
+#: ``family`` blocks of the joint runs: the encoders each token set comes from.
+JOINT_FAMILIES = {
+    "sd3": {
+        "name": "sd3", "pipeline": "StableDiffusion3Pipeline",
+        "text_encoders": [{"name": "text_encoder", "class": "CLIPTextModelWithProjection", "tokenizer": "tokenizer"},
+                          {"name": "text_encoder_2", "class": "CLIPTextModelWithProjection", "tokenizer": "tokenizer_2"},
+                          {"name": "text_encoder_3", "class": "T5EncoderModel", "tokenizer": "tokenizer_3"}],
+        "tokens_from": "tokenizer",
+    },
+    "flux": {
+        "name": "flux", "pipeline": "FluxPipeline",
+        "text_encoders": [{"name": "text_encoder", "class": "CLIPTextModel", "tokenizer": "tokenizer"},
+                          {"name": "text_encoder_2", "class": "T5EncoderModel", "tokenizer": "tokenizer_2"}],
+        "tokens_from": "tokenizer_2",
+    },
+}
+#: SD3's T5 tokens follow the 77 CLIP positions of the text sequence.
+SD3_T5_OFFSET = 77
+
+
+def joint_tokens(prompt: str, family: str) -> tuple[list[dict], list[str], list[dict]]:
+    """``(tokens, words, token_sets)`` of a joint run. SD3: a CLIP set (start, one token per word, end) at
+    offset 0, then a T5 set at offset 77; Flux: the T5 set alone at offset 0. In the T5 set the longest word
+    is split into two pieces (a sub-word to merge) and an end token closes it. Both sets share the word list."""
+    words = prompt.split() or ["x"]
+    split = max(range(len(words)), key=lambda w: (len(words[w]), -w))
+    t5: list[dict] = []
+    for w, word in enumerate(words):
+        pieces = ["▁" + word[: len(word) // 2], word[len(word) // 2:]] if w == split and len(word) > 1 else ["▁" + word]
+        t5 += [{"text": p, "word": w, "special": False} for p in pieces]
+    t5.append({"text": T5_END, "word": None, "special": True})
+    sets = []
+    if family == "sd3":
+        clip = ([{"text": BOS, "word": None, "special": True}]
+                + [{"text": word + "</w>", "word": w, "special": False} for w, word in enumerate(words)]
+                + [{"text": EOS, "word": None, "special": True}])
+        sets.append(("text_encoder", "tokenizer", 0, clip))
+        sets.append(("text_encoder_3", "tokenizer_3", SD3_T5_OFFSET, t5))
+    elif family == "flux":
+        sets.append(("text_encoder_2", "tokenizer_2", 0, t5))
+    else:
+        raise ValueError(f"family must be 'sd3' or 'flux', not {family!r}")
+    tokens, token_sets = [], []
+    for encoder, tokenizer, offset, recs in sets:
+        token_sets.append({"encoder": encoder, "tokenizer": tokenizer, "offset": offset, "length": len(recs), "agrees": True})
+        for k, rec in enumerate(recs):
+            tokens.append({"index": offset + k, "id": 2000 + len(tokens), **rec, "set": encoder})
+    return tokens, words, token_sets
+
+
+def write_joint_run(
+    path: str | Path,
+    *,
+    family: str = "sd3",
+    steps: int = 3,
+    joint_layers: int = 2,
+    single_layers: int | None = None,
+    grid: tuple[int, int] = (4, 6),
+    image_hw: tuple[int, int] = (16, 24),
+    prompt: str = "a red circle",
+    seed: int = 0,
+    pad: int = 3,
+    latent_shape: Sequence[int] = (4, 4, 6),
+    text: bool = True,
+    save_latents: bool = True,
+    overwrite: bool = True,
+    validate: bool = True,
+) -> Path:
+    """Write a valid random schema-2 joint-attention run (``family`` "sd3" or "flux") to ``path``; return it.
+
+    Layers: ``joint_layers`` MM-DiT blocks (``transformer_blocks.i``), then (Flux; default 1) ``single_layers``
+    single-stream blocks (``single_transformer_blocks.j``), every one on the (non-square) ``grid``. Each layer and
+    step is one softmax over the keys ``[image cells; text sequence]`` (the stored tokens plus ``pad`` others), as
+    an MM-DiT computes it: an image query's row gives the cross map (its text part, ``[T, h, w]``, summing to < 1
+    over tokens) and the self map (its image part, ``[n, n]``, rows < 1); a token's query row gives its text map
+    (its image part, ``[T, h, w]``, each token's map summing to < 1 over the cells), written as manifest kind
+    "text" when ``text``. Metrics come from the cross part renormalised over the text keys.
+    """
+    if family not in JOINT_FAMILIES:
+        raise ValueError(f"family must be one of {sorted(JOINT_FAMILIES)}, not {family!r}")
+    rng = np.random.default_rng(seed)
+    n = int(steps)
+    singles = (1 if family == "flux" else 0) if single_layers is None else int(single_layers)
+    h, w = (int(v) for v in grid)
+    cells = h * w
+    token_recs, words, token_sets = joint_tokens(prompt, family)
+    t = len(token_recs)
+    k = t + int(pad)  # text keys: the stored tokens first, then the rest of the sequence
+    names = ([("joint", f"transformer_blocks.{i}", "transformer_blocks") for i in range(joint_layers)]
+             + [("single", f"single_transformer_blocks.{j}", "single_transformer_blocks") for j in range(singles)])
+    layers = len(names)
+    layer_recs = [{
+        "index": i, "name": name, "block": block, "kind": kind, "native": [h, w], "heads": 2,
+        "cross_shape": contract.cross_shape(t, (h, w)), "self_shape": contract.self_shape((h, w)), "self_grid": [h, w],
+        "text_shape": [t, h, w] if text else None,
+    } for i, (kind, name, block) in enumerate(names)]
+    height, width = image_hw
+    latents = np.cumsum(rng.standard_normal((n + 1, *latent_shape)), axis=0) * 0.5
+    noise = rng.standard_normal((n, *latent_shape))
+    entropy = np.zeros((layers, n))
+    dists = np.zeros((layers, n, k))
+    with RunWriter(path, overwrite=overwrite, validate=validate) as wr:
+        for step in range(n):
+            cross_maps, self_maps, text_maps = {}, {}, {}
+            for i in range(layers):
+                # one joint softmax: rows are queries [image cells; stored tokens], columns keys [image cells; text]
+                rows = _softmax(rng.standard_normal((cells + t, cells + k)) * 2.0, axis=1)
+                image_rows, token_rows = rows[:cells], rows[cells:]
+                text_part = image_rows[:, cells:].T.reshape(k, h, w)  # [K, h, w]
+                cross_maps[i] = text_part[:t]
+                self_maps[i] = image_rows[:, :cells]
+                entropy[i, step] = M.attention_entropy(text_part)
+                dists[i, step] = M.token_distribution(text_part)
+                if text:
+                    text_maps[i] = token_rows[:, :cells].reshape(t, h, w)
+            wr.write_step(step, image=rng.integers(0, 256, (height, width, 3), dtype=np.uint8), cross=cross_maps,
+                          self_=self_maps, text=text_maps)
+        attention = {
+            "cfg_half": "conditional", "heads": contract.HEADS_MEAN,
+            "cross": {"enabled": True, "resolution": max(h, w), "tokens": "prompt", "full_distribution": False,
+                      "sum_rule": contract.JOINT_CROSS_SUM_RULE},
+            "self": {"enabled": True, "resolution": max(h, w), "sum_rule": contract.JOINT_SELF_SUM_RULE},
+            "text": {"enabled": bool(text), "sum_rule": contract.TEXT_SUM_RULE},
+        }
+        metadata = {
+            "schema_version": 2,
+            "run": {
+                "prompt": prompt, "negative_prompt": "", "cfg_scale": 7.0, "num_steps": n, "seed": seed,
+                "height": height, "width": width, "dtype": "float32", "device": "cpu",
+                "scheduler": "FlowMatchEulerDiscreteScheduler", "model": {"source": "default", "id": f"synthetic-{family}"},
+            },
+            "family": JOINT_FAMILIES[family],
+            "token_sets": token_sets,
+            "tokens": token_recs,
+            "words": words,
+            "context_length": token_sets[-1]["offset"] + token_sets[-1]["length"] + int(pad),
+            "timesteps": [int(x) for x in np.linspace(1000, 0, n, endpoint=False).round()],
+            "latent_shape": list(latent_shape),
+            "noise_source": "scheduler_model_output",
+            "preview": "pred_original_sample",
+            "attention": attention,
+            "layers": layer_recs,
+        }
+        wr.write_final_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        metrics = M.metrics_record(latents, entropy=entropy, token_dists=dists, num_tokens=t)
+        wr.finish(metadata, metrics, latent_pca_record(latents[1:]),
+                  latents=latents if save_latents else None, noise=noise if save_latents else None)
+    return Path(path)

@@ -376,3 +376,94 @@ def test_a_failed_js_is_kept_and_not_read_again(runs, store):
         with pytest.raises(DatasetError, match="layer_0_step_000.bin: truncated"):
             comparison.js()
     assert calls == [(0, 0)]
+
+
+# --------------------------------------------------------------------------- joint-attention runs (SD3, Flux)
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    from tests.synthetic import write_joint_run
+
+    root = tmp_path_factory.mktemp("joint")
+    return {"sd3": write_joint_run(root / "sd3", family="sd3", steps=3, seed=5),
+            "flux": write_joint_run(root / "flux", family="flux", steps=3, seed=6),
+            "flux_b": write_joint_run(root / "flux_b", family="flux", steps=3, seed=7, prompt="a blue circle")}
+
+
+def test_joint_runs_keep_the_sum_rules_of_joint_attention(joint):
+    meta = json.loads((joint["flux"] / "metadata.json").read_text())
+    assert meta["files"]["attention/text/layer_2_step_001.bin"]["kind"] == "text"
+    assert [l["kind"] for l in meta["layers"]] == ["joint", "joint", "single"]
+    cross = read_bin(joint["flux"], "attention/cross/layer_2_step_001.bin")
+    self_ = read_bin(joint["flux"], "attention/self/layer_2_step_001.bin")
+    text = read_bin(joint["flux"], "attention/text/layer_2_step_001.bin")
+    assert cross.shape == text.shape == (5, 4, 6) and self_.shape == (24, 24)
+    assert cross.sum(axis=0).max() < 1 and self_.sum(axis=1).max() < 1 and text.sum(axis=(1, 2)).max() < 1
+
+
+def test_joint_labels_name_layer_kinds_and_token_sets(joint, store):
+    data = store.open(str(joint["sd3"]))
+    assert data.set_names == {"text_encoder": "CLIP", "text_encoder_3": "T5"}
+    groups = data.layer_groups()
+    assert groups["joint layers · 4×6"] == {"L0 · joint · transformer_blocks.0 · 4×6": "0",
+                                            "L1 · joint · transformer_blocks.1 · 4×6": "1"}
+    # <start> a red circle <end> (CLIP), then a red cir cle </s> (T5): one word list, merged within a set
+    options = data.token_options(merge=True)
+    assert options["2: red · CLIP"] == 2 and options["6: red · T5"] == 6 and options["7: circle · T5  (cir + cle)"] == 7
+    assert "3: circle · CLIP" in options and 8 not in options.values()
+    assert data.token_indices(7, True) == [7, 8] and data.token_indices(3, True) == [3]
+    assert data.token_label(6, True) == "red · T5" and data.token_label(8, False) == "cle · T5"
+    assert data.layer_summary() == "2 (2 joint; 2 cross, 2 self, 2 text)" and data.token_summary() == "10 (CLIP 5, T5 5)"
+    flux = store.open(str(joint["flux"]))
+    assert flux.set_names == {} and flux.token_label(1, True) == "red"  # one set: no set names
+    assert flux.layer_groups()["single layers · 4×6"] == {"L2 · single · single_transformer_blocks.0 · 4×6": "2"}
+    assert flux.layer_values() == [ALL_LAYERS, "0", "1", "2"]
+
+
+def test_text_heat_is_the_stored_rows_with_the_cross_heats_step_and_layer(joint, store):
+    data = store.open(str(joint["sd3"]))
+    files = [read_bin(joint["sd3"], f"attention/text/layer_{layer}_step_001.bin") for layer in (0, 1)]
+    heat = data.text_heat(Selection(step=1, layer="1", token=6))  # "red" in the T5 set: one row
+    np.testing.assert_array_equal(heat.map, files[1][6])
+    assert (heat.low, heat.high) == (float(files[1][6].min()), float(files[1][6].max()))
+    assert heat.step == 1 and heat.layer == "1" and "'red · T5'" in heat.title and "L1 · joint" in heat.title
+    # a word of two pieces: the mean of its rows; the mean over layers; one shared scale over every token
+    np.testing.assert_allclose(data.text_heat(Selection(step=1, layer="0", token=8)).map, files[0][[7, 8]].mean(axis=0),
+                               rtol=1e-6)
+    mean = data.text_heat(Selection(step=1, layer=ALL_LAYERS, token=6, shared=True))
+    np.testing.assert_allclose(mean.map, (files[0][6] + files[1][6]) / 2, rtol=1e-6)
+    assert (mean.low, mean.high) == pytest.approx((0.0, float(((files[0] + files[1]) / 2).max())))
+    # DAAM: all layers and the step range, drawn over the range's last step, as the cross heat
+    daam = data.text_heat(Selection(step=0, layer="1", token=6, aggregate=True, first=1, last=2))
+    steps = [read_bin(joint["sd3"], f"attention/text/layer_{layer}_step_{s:03d}.bin")[6] for layer in (0, 1) for s in (1, 2)]
+    np.testing.assert_allclose(daam.map, np.mean(steps, axis=0), rtol=1e-5)
+    assert daam.step == 2 and daam.layer == ALL_LAYERS == data.heat(Selection(step=0, layer="1", token=6, aggregate=True,
+                                                                              first=1, last=2)).layer
+
+
+def test_every_store_map_works_on_a_flux_run(joint, store):
+    a, b = store.open(str(joint["flux"])), store.open(str(joint["flux_b"]))
+    cross = read_bin(joint["flux"], "attention/cross/layer_2_step_002.bin")
+    np.testing.assert_array_equal(a.heat(Selection(step=2, layer="2", token=1)).map, cross[1])
+    np.testing.assert_array_equal(a.text_heat(Selection(step=2, layer="2", token=1)).map,
+                                  read_bin(joint["flux"], "attention/text/layer_2_step_002.bin")[1])
+    self_ = read_bin(joint["flux"], "attention/self/layer_2_step_002.bin")
+    np.testing.assert_array_equal(a.probe_map("2", 2, 0.5, 0.5), self_[2 * 6 + 3].reshape(4, 6))
+    assert a.heat(Selection(step=2, layer=ALL_LAYERS, token=1, aggregate=True, first=0, last=2)).map.shape == (4, 6)
+    shares, _where = a.shares(Selection(step=2, layer="2", token=1))
+    np.testing.assert_allclose(shares, cross.sum(axis=(1, 2)) / cross.sum(), rtol=1e-6)
+    comparison = Comparison(a, b)
+    assert comparison.ok, comparison.differences
+    _ha, _hb, diff = comparison.heat_pair(Selection(step=2, layer="2", token=1))
+    np.testing.assert_allclose(diff.map, cross[1] - read_bin(joint["flux_b"], "attention/cross/layer_2_step_002.bin")[1],
+                               atol=1e-7)
+    assert np.isfinite(comparison.js()[1]).all()
+
+
+def test_runs_without_text_maps_have_no_text_heat(runs, store):
+    data = store.open(str(runs["a"]))
+    assert data.text_layers == [] and data.set_names == {} and data.token_label(2, True) == "red"
+    assert data.layer_summary() == "3 (3 cross, 3 self)"
+    with pytest.raises(DatasetError, match="no text->image maps"):
+        data.text_heat(Selection(step=0, layer="0", token=2))

@@ -6,6 +6,7 @@ The browser side (the worker starting, Pyodide booting from a self-hosted copy) 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import io
@@ -385,3 +386,79 @@ def test_foreign_hosts_names_every_other_host_in_the_sites_own_files(tmp_path: P
     hosted = SelfHosted(base="https://assets.invalid/")
     assert page.foreign_hosts(tmp_path, hosted) == {"cdn.example.org": ["app.js"], "fonts.example.com": ["app.html"]}
     assert "assets.invalid" in page.foreign_hosts(tmp_path, None)
+
+
+# ============================================================================ a sweep
+@pytest.fixture(scope="module")
+def sweep_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_app_sweep import write_sweep
+
+    # 2 colours x 2 seeds; run 3 is still pending (no folder): only the finished ones are shipped
+    return write_sweep(tmp_path_factory.mktemp("sweep") / "colours", {"colour": ["red", "green"], "seed": [0, 1]},
+                       pending=(3,), steps=2)
+
+
+def test_a_sweep_is_published_with_its_index_and_finished_runs(built: Path, sweep_in: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """build-site --dataset SWEEP: sweep.json and every finished run are in the site, byte for byte, index.html
+    opens the sweep with its first run, and the sweep reads back over HTTP as the worker reads it. The
+    conversion itself (tested above) is replaced by the page and worker of the module's build."""
+    from app.sweepstore import open_sweep
+
+    info = {"pyodide_url": json.loads((built / MARKER).read_text())["pyodide_url"], "bokeh_cdn_js": [], "cdn_dist": ""}
+
+    def convert(entry: Path, out: Path, *args: object, **kwargs: object) -> dict:
+        for name in ("app.html", "app.js", "app.resources.zip"):
+            shutil.copy2(built / name, out / name)
+        return info
+
+    monkeypatch.setattr(build, "convert", convert)
+    out = tmp_path / "site"
+    report = build.build_site(out, [sweep_in], log=lambda line: None)
+    doc = json.loads((sweep_in / "sweep.json").read_text())
+    done = [r["name"] for r in doc["runs"] if r["status"] == "done"]
+    assert len(done) == 3
+    shipped = out / "datasets" / "colours"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(done + ["sweep.json"])
+    assert (shipped / "sweep.json").read_bytes() == (sweep_in / "sweep.json").read_bytes()
+    for name in done:
+        assert tree(shipped / name) == tree(sweep_in / name)
+    first = f"datasets/colours/{done[0]}"
+    assert f'var fallback = {{"sweep": "datasets/colours", "dataset": "{first}"}};' in (out / "index.html").read_text()
+    assert report["sweeps"] == {"datasets/colours": {"runs": 3, "first": done[0]}}
+    assert (report["default_dataset"], report["default_sweep"]) == (first, "datasets/colours")
+    if "first_visit" in report:  # sized where the npm Pyodide is at hand: the index and the first grid's thumbnails
+        names = {i["name"] for i in report["first_visit"]["items"] if i["category"] == "site"}
+        assert {"datasets/colours/sweep.json", f"{first}/metadata.json", f"{first}/images/final.png"} <= names
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))) as base:
+        remote = open_sweep(f"{base}/datasets/colours")
+        assert remote.doc == doc and remote.run_text(remote.runs[0]) == f"{base}/datasets/colours/{done[0]}"
+        np.testing.assert_array_equal(remote.thumbnail(remote.runs[1]), open_sweep(str(shipped)).thumbnail(remote.runs[1]))
+
+
+@pytest.mark.parametrize("case", ["no-finished-run", "invalid-finished-run", "over-the-file-cap"])
+def test_a_bad_sweep_is_refused_in_one_line_before_anything_is_written(case: str, sweep_in: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.sitebuild import inputs
+
+    bad = tmp_path / "colours"
+    shutil.copytree(sweep_in, bad)
+    doc = json.loads((bad / "sweep.json").read_text())
+    if case == "no-finished-run":
+        for run in doc["runs"]:
+            run.update(status="pending", headline=None, thumbnail=None)
+        (bad / "sweep.json").write_text(json.dumps(doc))
+        expect = "the sweep has no finished run to publish"
+    elif case == "invalid-finished-run":
+        with open(bad / doc["runs"][1]["name"] / "attention" / "cross" / "layer_0_step_000.bin", "r+b") as fh:
+            fh.truncate(10)
+        expect = f"invalid run {doc['runs'][1]['name']}"
+    else:
+        monkeypatch.setattr(inputs, "MAX_SITE_DATA_FILES", 10)
+        expect = "more than 10 files"
+    out = tmp_path / "site"
+    before = tree(tmp_path)
+    code, err = _cli(["--out", str(out), "--dataset", str(bad)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before and not out.exists()

@@ -50,3 +50,71 @@ def build_sdxl(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A T5 tokenizer built in code (a Unigram model over the toy world's words, as NOTES.md says it must be)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    from capture.toyworld.world import VOCABULARY
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in VOCABULARY]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def _tiny_t5(vocab: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def _flow_vae(latent_channels: int) -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_sd3(folder: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline: 2 joint blocks (the last one context_pre_only), CLIP-L/G + T5 (16 tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4)
+    tokenizer = toy_clip_tokenizer()
+    config = _clip_config(len(tokenizer))
+    t5_tokenizer = tiny_t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(4),
+        text_encoder=CLIPTextModelWithProjection(config), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=toy_clip_tokenizer(),
+        text_encoder_3=_tiny_t5(len(t5_tokenizer)), tokenizer_3=t5_tokenizer)
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_flux(folder: str | Path, seed: int = 0) -> Path:
+    """A FluxPipeline: 1 double-stream and 2 single-stream blocks, CLIP (pooled) + T5 (16 tokens), rotary axes 4+4+8."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    tokenizer = toy_clip_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(4),
+                        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))), tokenizer=tokenizer,
+                        text_encoder_2=_tiny_t5(len(t5_tokenizer)), tokenizer_2=t5_tokenizer)
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder))
+    return folder

@@ -10,6 +10,11 @@ DEFAULT_DATASET = Path("datasets") / "default"
 MARKER = "diffviz-site.json"
 ERROR_TAG = "diffviz-site-error: "  # the conversion child's one-line reason for failing, on stderr
 VENDOR = "vendor"
+#: What the datasets may add up to, checked before anything is copied: GitHub Pages publishes sites of at most
+#: 1 GB and refuses files over 100 MB; a site of more files than this is a sweep that wants paging, not copying.
+MAX_SITE_DATA_BYTES = 1_000_000_000
+MAX_SITE_FILE_BYTES = 100_000_000
+MAX_SITE_DATA_FILES = 50_000
 
 
 class SiteError(Exception):

@@ -85,8 +85,16 @@ def build_site(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] | N
             own = wheel_from_file(wheel)
             requirements = [str(wheel), *wheel_requirements(wheel)]
             for name, path in inputs.datasets:
-                log(f"copying dataset {path} -> datasets/{name}/")
-                shutil.copytree(path, staging / "datasets" / name, ignore=_not_plain)
+                runs = inputs.sweeps.get(name)
+                if runs is None:
+                    log(f"copying dataset {path} -> datasets/{name}/")
+                    shutil.copytree(path, staging / "datasets" / name, ignore=_not_plain)
+                    continue
+                log(f"copying sweep {path} ({len(runs)} finished runs and sweep.json) -> datasets/{name}/")
+                (staging / "datasets" / name).mkdir(parents=True)
+                shutil.copy2(path / "sweep.json", staging / "datasets" / name / "sweep.json")
+                for run in runs:
+                    shutil.copytree(path / run, staging / "datasets" / name / run, ignore=_not_plain)
             hosted = inputs.self_hosted
             if hosted and hosted.folder:
                 log(f"copying {hosted.folder} -> {VENDOR}/")
@@ -112,11 +120,10 @@ def build_site(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] | N
             if named:
                 where = "; ".join(f"{host} (in {', '.join(files)})" for host, files in named.items())
                 raise SiteError(f"--self-hosted: the built site still names another host: {where}")
-        first = inputs.datasets[0][0]
-        default = None if any(n == DEFAULT_DATASET.name for n, _ in inputs.datasets) else f"datasets/{first}"
-        (staging / "index.html").write_text(index_html(default), encoding="utf-8")
+        defaults = first_query(inputs)
+        (staging / "index.html").write_text(index_html(defaults), encoding="utf-8")
         (staging / ".nojekyll").write_text("", encoding="utf-8")
-        report = build_report(staging, wheel.name, inputs, info, default)
+        report = build_report(staging, wheel.name, inputs, info, defaults)
         pyodide_dir = pyodide_folder(hosted, info["pyodide_url"])
         if pyodide_dir is None:
             log("note: no local Pyodide lock file for this Pyodide (make test installs node_modules/pyodide); "
@@ -128,7 +135,7 @@ def build_site(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] | N
                     f"lock nor a pure-Python wheel provides: {'; '.join(map(str, resolution.missing))}")
             download = first_visit(staging, resolution, pyodide_dir=pyodide_dir,
                                    wheel_dirs=[project_root() / NPM_WHEELS], own_wheel=own.name,
-                                   dataset=report["default_dataset"])
+                                   dataset=report["default_dataset"], sweep=report["default_sweep"])
             report["install_plan"] = {
                 "lock": str(pyodide_dir / LOCK_NAME),
                 "resolved": {r.name: f"{r.version} ({r.source})" for r in resolution.resolved.values()},
@@ -144,7 +151,20 @@ def build_site(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] | N
     return report
 
 
-def build_report(site: Path, wheel_name: str, inputs: Inputs, info: dict[str, Any], default: str | None) -> dict[str, Any]:
+def first_query(inputs: Inputs) -> dict[str, str] | None:
+    """What index.html adds to the page address when it names nothing: None when a run is named "default" (the
+    app's own default); the first dataset otherwise, a sweep with its first finished run."""
+    if any(n == DEFAULT_DATASET.name for n, _ in inputs.datasets):
+        return None
+    first = inputs.datasets[0][0]
+    runs = inputs.sweeps.get(first)
+    if runs is None:
+        return {"dataset": f"datasets/{first}"}
+    return {"sweep": f"datasets/{first}", "dataset": f"datasets/{first}/{runs[0]}"}
+
+
+def build_report(site: Path, wheel_name: str, inputs: Inputs, info: dict[str, Any],
+                 defaults: dict[str, str] | None) -> dict[str, Any]:
     import diffviz
     from importlib import metadata as md
 
@@ -159,7 +179,9 @@ def build_report(site: Path, wheel_name: str, inputs: Inputs, info: dict[str, An
         "wheel": wheel_name,
         "requirements": parse_worker_requirements(worker),
         "datasets": [f"datasets/{name}" for name, _ in inputs.datasets],
-        "default_dataset": default or str(DEFAULT_DATASET.as_posix()),
+        "sweeps": {f"datasets/{name}": {"runs": len(runs), "first": runs[0]} for name, runs in inputs.sweeps.items()},
+        "default_dataset": (defaults or {}).get("dataset") or str(DEFAULT_DATASET.as_posix()),
+        "default_sweep": (defaults or {}).get("sweep"),
     }
 
 

@@ -120,8 +120,9 @@ def page_resources(html: str) -> list[str]:
 
 def first_visit(site: Path, resolution: Resolution, *, pyodide_dir: Path | None = None,
                 wheel_dirs: Iterable[Path] = (), own_wheel: str | None = None,
-                dataset: str | None = None) -> dict:
-    """Every item a first visit fetches, with its size; totals per category in MB (10^6 bytes)."""
+                dataset: str | None = None, sweep: str | None = None) -> dict:
+    """Every item a first visit fetches, with its size; totals per category in MB (10^6 bytes). ``sweep``: the
+    site opens that sweep too (its sweep.json and the thumbnails its Sweep tab shows first)."""
     items: list[Item] = []
     for name in PYODIDE_CORE:
         path = pyodide_dir / name if pyodide_dir else None
@@ -159,6 +160,8 @@ def first_visit(site: Path, resolution: Resolution, *, pyodide_dir: Path | None 
     own = ["index.html", f"{APP_NAME}.html", f"{APP_NAME}.js", "favicon.ico"]
     if dataset:
         own += [f"{dataset}/{name}" for name in DATASET_UP_FRONT]
+    if sweep:
+        own += [f"{sweep}/{rel}" for rel in sweep_up_front(site / sweep)]
     for rel in own:
         path = site / rel
         if path.is_file():
@@ -171,6 +174,15 @@ def first_visit(site: Path, resolution: Resolution, *, pyodide_dir: Path | None 
         "estimated_mb": round(sum(i.bytes for i in items if i.how == "estimated") / 1e6, 2),
         "items": [asdict(i) for i in items],
     }
+
+
+def sweep_up_front(folder: Path) -> list[str]:
+    """What the Sweep tab reads when it opens: sweep.json and the thumbnails of its first layout (relative paths)."""
+    from app.sweepstore import open_sweep
+
+    sweep = open_sweep(str(folder))
+    layout = sweep.layout(*sweep.default_axes())
+    return ["sweep.json"] + [c.run["thumbnail"] for c in layout.cells if c.done and c.run.get("thumbnail")]
 
 
 def summary_line(report: dict) -> str:

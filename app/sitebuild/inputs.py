@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from .base import DEFAULT_DATASET, MARKER, VENDOR, SiteError, project_root
+from .base import (DEFAULT_DATASET, MARKER, MAX_SITE_DATA_BYTES, MAX_SITE_DATA_FILES, MAX_SITE_FILE_BYTES, VENDOR,
+                   SiteError, project_root)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Inputs:
     out: Path
     datasets: list[tuple[str, Path]]
     self_hosted: SelfHosted | None = None
+    #: the sweeps among the datasets: name -> its finished runs (only they are copied, with its sweep.json)
+    sweeps: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _is_url(text: str) -> bool:
@@ -56,18 +59,77 @@ def parse_self_hosted(text: str) -> SelfHosted:
     return SelfHosted(base=f"./{VENDOR}/", folder=folder.resolve())
 
 
-def check_dataset(path: Path) -> None:
-    """Refuse a folder that is not a valid run (``export.validate``), with its first problem."""
+def check_dataset(path: Path) -> list[str] | None:
+    """Refuse a folder that is not a valid run (``export.validate``), with its first problem. A sweep (a folder
+    with a sweep.json and no metadata.json) is checked by :func:`check_sweep`: its finished runs are returned."""
+    from export.sweep import is_sweep
     from export.validate import validate_run
 
     if not path.is_dir():
         raise SiteError(f"--dataset {path}: no such folder", usage=True)
     if not (path / "metadata.json").is_file():
-        raise SiteError(f"--dataset {path}: not a run folder (no metadata.json)", usage=True)
+        if is_sweep(path):
+            return check_sweep(path)
+        raise SiteError(f"--dataset {path}: not a run folder (no metadata.json) nor a sweep (no sweep.json)", usage=True)
     problems = validate_run(path)
     if problems:
         more = f" (and {len(problems) - 1} more; run diffviz validate {path})" if len(problems) > 1 else ""
         raise SiteError(f"--dataset {path}: invalid run: {problems[0]}{more}", usage=True)
+    return None
+
+
+def check_sweep(path: Path) -> list[str]:
+    """The names of a sweep's finished runs, once its index (``export.sweep``, bounded) and each of them
+    (``export.validate``) are valid; a sweep with none is refused. Pending and failed runs are not shipped."""
+    from export.contract import DatasetError
+    from export.sweep import STATUS_DONE, by_status, read_index
+    from export.validate import validate_run
+
+    try:
+        doc = read_index(path)
+    except DatasetError as exc:
+        raise SiteError(f"--dataset {path}: invalid sweep: {exc}", usage=True) from None
+    done = [str(run["name"]) for run in by_status(doc, STATUS_DONE)]
+    if not done:
+        raise SiteError(f"--dataset {path}: the sweep has no finished run to publish", usage=True)
+    for name in done:
+        if not (path / name / "metadata.json").is_file():
+            raise SiteError(f"--dataset {path}: sweep.json calls run {name} finished, but {name}/metadata.json is missing",
+                            usage=True)
+        problems = validate_run(path / name)
+        if problems:
+            more = f" (and {len(problems) - 1} more; run diffviz validate {path / name})" if len(problems) > 1 else ""
+            raise SiteError(f"--dataset {path}: invalid run {name}: {problems[0]}{more}", usage=True)
+    return done
+
+
+def shipped_files(path: Path, runs: list[str] | None) -> Iterator[Path]:
+    """The files a dataset puts into the site: a run's folder, or a sweep's index and finished runs."""
+    folders = [path] if runs is None else [path / name for name in runs]
+    if runs is not None:
+        yield path / "sweep.json"
+    for folder in folders:
+        for dirpath, _dirs, files in os.walk(folder):
+            for name in files:
+                yield Path(dirpath) / name
+
+
+def check_size(datasets: list[tuple[str, Path]], sweeps: dict[str, list[str]]) -> None:
+    """Refuse datasets over the site's caps (``MAX_SITE_*``: files, bytes, one file's bytes), counting no further."""
+    count = total = 0
+    for name, path in datasets:
+        for file in shipped_files(path, sweeps.get(name)):
+            try:
+                size = os.stat(file).st_size  # what the copy writes (it follows links inside the run)
+            except OSError:
+                continue  # the copy skips it too
+            count, total = count + 1, total + size
+            if size > MAX_SITE_FILE_BYTES:
+                raise SiteError(f"--dataset {path}: {file.relative_to(path)} is {size} bytes, over the "
+                                f"{MAX_SITE_FILE_BYTES} a static host takes for one file", usage=True)
+            if count > MAX_SITE_DATA_FILES or total > MAX_SITE_DATA_BYTES:
+                raise SiteError(f"the datasets hold more than {MAX_SITE_DATA_FILES} files or {MAX_SITE_DATA_BYTES} bytes, "
+                                f"over the site's cap (at {path}); ship fewer runs", usage=True)
 
 
 def check_out(out: Path, inputs: Sequence[Path], project: Path | None = None) -> None:
@@ -94,13 +156,17 @@ def check_inputs(out: str | os.PathLike, datasets: Sequence[str | os.PathLike] |
             raise SiteError(f"no --dataset given and no {DEFAULT_DATASET}/ here; pass --dataset PATH (a run folder)", usage=True)
         paths = [DEFAULT_DATASET]
     named: list[tuple[str, Path]] = []
+    sweeps: dict[str, list[str]] = {}
     for path in paths:
         name = path.resolve().name
         if any(name == other for other, _ in named):
             raise SiteError(f"--dataset {path}: two datasets named {name!r}; each is copied to datasets/<folder name>", usage=True)
-        check_dataset(path)
+        runs = check_dataset(path)
+        if runs is not None:
+            sweeps[name] = runs
         named.append((name, path))
+    check_size(named, sweeps)
     hosted = parse_self_hosted(self_hosted) if self_hosted else None
     out_path = Path(out)
     check_out(out_path, [p for _, p in named] + ([hosted.folder] if hosted and hosted.folder else []), project_root())
-    return Inputs(out=out_path, datasets=named, self_hosted=hosted)
+    return Inputs(out=out_path, datasets=named, self_hosted=hosted, sweeps=sweeps)

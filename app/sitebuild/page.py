@@ -14,8 +14,12 @@ from .worker import parse_worker_requirements
 _URL = re.compile(r"""(?<![\w:/])(?:https?:)?//([A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,}|localhost|\d+\.\d+\.\d+\.\d+)(?::\d+)?[^\s"'<>`)\\]*""")
 
 
-def index_html(default_dataset: str | None) -> str:
-    return asset("index.html").replace("__DEFAULT__", json.dumps(default_dataset))
+def index_html(defaults: dict[str, str] | str | None) -> str:
+    """index.html, adding ``defaults`` (``{"dataset": …}``, with ``"sweep"`` for a sweep; a string is a dataset)
+    to the page address when it names none of them."""
+    if isinstance(defaults, str):
+        defaults = {"dataset": defaults}
+    return asset("index.html").replace("__DEFAULT__", json.dumps(defaults or None))
 
 
 def self_hosted_references(site: Path, hosted: SelfHosted) -> list[str]:

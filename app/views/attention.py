@@ -8,6 +8,8 @@
   come from the same step range as the map.
 * With a second run loaded, A | B | A − B (``Comparison.heat_pair``): both maps on one colour scale, the
   difference on a symmetric one.
+* Runs with text->image maps (SD3, Flux) add "word → image" beside the probe (``RunData.text_heat``): where the
+  selected word's own query looks over the image, at the same step and layer (or DAAM range) as the main map.
 * The word grid is ``export.figure.render_grid``'s picture, the one ``diffviz export-figure`` writes.
 * A panel whose data cannot be read is blanked alone, its title naming the problem (``View.panel``).
 """
@@ -61,7 +63,8 @@ HELP = ("<b>How to read this.</b> The image is x̂₀, the model's guess of the 
         "clicked location attends. <b>Entropy</b> (H / ln K): how spread attention is over the prompt, 0 = on one "
         "token, 1 = uniform. <b>KL</b>: how much the token distribution moved since the previous step, in nats. "
         "<b>DAAM</b>: the word's map averaged over all layers and a step range. With a second run loaded, "
-        "A | B | A − B shows both runs' maps on one colour scale and their difference (red: A attends more).")
+        "A | B | A − B shows both runs' maps on one colour scale and their difference (red: A attends more). "
+        "<b>Word → image</b> (SD3, Flux): where the word's own query looks over the image, its share per location.")
 
 
 def _rgba_image(image: np.ndarray, greyscale: bool) -> np.ndarray:
@@ -138,6 +141,18 @@ class AttentionView(View):
         # StaticText, not an HTML pane: panes re-send their stylesheets, which recomputes the document's models
         self.probe_note = pn.widgets.StaticText(value="", styles={"font-size": "10pt", "color": "#555"}, width=200)
 
+        # ---- word -> image (runs with text->image maps): drawn over the overlay's own image source
+        self.text_mapper = LinearColorMapper(name="attention-text-cmap", palette=PALETTES[state.cmap], low=0, high=1)
+        self.text_fig = image_figure("attention-text-figure", "word → image", px=PROBE_PX, tools="reset,save")
+        self.text_fig.title.text_font_size = "10pt"
+        self.text_fig.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source)
+        self.text_source = ColumnDataSource(name="attention-text", data=_heat_data(np.zeros((1, 1), np.float32), 1, 1))
+        self.text_heat = self.text_fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.text_source,
+                                             color_mapper=self.text_mapper, global_alpha=state.opacity)
+        self.text_note = pn.widgets.StaticText(value="", styles={"font-size": "10pt", "color": "#555"}, width=200)
+        self.text_pane = pn.Column(pn.pane.Bokeh(self.text_fig), self.text_note, visible=False, margin=0,
+                                   css_classes=["dv-text-map"])
+
         # ---- A | B | A − B (shown while a second run is loaded)
         self.pair_mapper = LinearColorMapper(name="attention-pair-cmap", palette=PALETTES[state.cmap], low=0, high=1)
         self.diff_mapper = LinearColorMapper(name="attention-diff-cmap", palette=DIVERGING, low=-1, high=1)
@@ -189,7 +204,8 @@ class AttentionView(View):
         for fig in (self.share_fig, self.entropy_fig, self.kl_fig):
             with_save(fig)
 
-        self.main_row = pn.Row(pn.pane.Bokeh(self.overlay), pn.Column(pn.pane.Bokeh(self.probe_fig), self.probe_note), margin=0,
+        self.main_row = pn.Row(pn.pane.Bokeh(self.overlay),
+                               pn.Column(pn.pane.Bokeh(self.probe_fig), self.probe_note, self.text_pane, margin=0), margin=0,
                                css_classes=["dv-main-row"])
 
         # ---- wiring: each part updates only on what it depends on
@@ -234,11 +250,12 @@ class AttentionView(View):
 
     def _on_opacity(self, event: Any) -> None:
         self.heat.glyph.global_alpha = float(event.new)
+        self.text_heat.glyph.global_alpha = float(event.new)
         for fig in self.trio_figs[:2]:
             fig.renderers[1].glyph.global_alpha = float(event.new)
 
     def _on_cmap(self, event: Any) -> None:
-        for mapper in (self.mapper, self.probe_mapper, self.pair_mapper):
+        for mapper in (self.mapper, self.probe_mapper, self.pair_mapper, self.text_mapper):
             mapper.palette = PALETTES[event.new]
         if self.state.grid:
             self._on_selection()
@@ -267,7 +284,7 @@ class AttentionView(View):
         if data is None:
             return
         self._sync_controls()
-        for fig in (self.overlay, self.probe_fig, *self.trio_figs):
+        for fig in (self.overlay, self.probe_fig, self.text_fig, *self.trio_figs):
             set_image_extent(fig, data.height, data.width)
         self._update_all()
 
@@ -287,6 +304,7 @@ class AttentionView(View):
         self.range.disabled = not (state.aggregate or state.grid)
         self.word_controls.visible = state.kind == "cross"
         self.head.visible = bool(self.data is not None and self.data.per_head)
+        self.text_pane.visible = bool(self.data is not None and self.data.text_layers and state.kind == "cross")
 
     def _sync_token_widget(self) -> None:
         data, state = self.data, self.state
@@ -321,6 +339,7 @@ class AttentionView(View):
         self._update_probe(sel)
         if not sel.daam:  # the DAAM maps do not depend on the step
             self._update_trio(sel, self._update_overlay(sel))
+            self._update_text(sel)
             self._update_bars(sel)
         self.kl_marker.location = sel.step
 
@@ -338,6 +357,7 @@ class AttentionView(View):
         heat = self._update_overlay(sel)
         self._update_probe(sel)
         self._update_trio(sel, heat)
+        self._update_text(sel)
         self._update_grid(sel)
         self._update_bars(sel)
         self._update_kl(sel)
@@ -431,6 +451,24 @@ class AttentionView(View):
             self.probe_fig.title.text = f"probe · {'all layers' if layer == ALL_LAYERS else f'L{layer}'} · step {sel.step}"
             self.probe_note.value = (f"Where query cell (row {row}, col {col}) of the {raw.shape[0]}×{raw.shape[1]} pooled map "
                                       f"attends, {where}. Click the image to move the query.")
+
+    def _update_text(self, sel: Selection) -> None:
+        """Where the selected word looks (text->image), over the same image as the main map; only on runs with them."""
+        data = self.data
+        if not self.text_pane.visible:
+            return
+        blank = lambda: self.text_source.update(data=_heat_data(np.zeros((1, 1), np.float32), data.height, data.width))  # noqa: E731
+        with self.panel(self.text_fig, blank):
+            heat = data.text_heat(sel)
+            self.text_source.data = _heat_data(heat.map, data.height, data.width, heat.step)
+            self.text_mapper.update(low=heat.low, high=heat.high)
+            label = data.token_label(sel.token, sel.merge)
+            layer = "all layers" if heat.layer == ALL_LAYERS else f"L{heat.layer}"
+            when = f"steps {sel.first}–{sel.last}" if sel.daam else f"step {heat.step}"
+            self.text_fig.title.text = f"'{label}' → image · {layer} · {when}"
+            where = (f"all {len(data.text_layers)} text layers (mean)" if heat.layer == ALL_LAYERS
+                     else data.layer_text(heat.layer))
+            self.text_note.value = f"Where '{label}' looks: its query's attention over the image, {where}."
 
     def _update_trio(self, sel: Selection, heat_a: Heat | None = None) -> None:
         comparison = self.store.comparison

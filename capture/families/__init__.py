@@ -16,6 +16,8 @@ from capture.families.base import DEFAULT_MODEL_DIR, Family, ModelLoadError, Pee
 REGISTRY: dict[str, str] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 __all__ = ["REGISTRY", "Family", "ModelLoadError", "Peek", "TokenInfo", "family_named", "for_model",

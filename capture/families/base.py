@@ -106,7 +106,39 @@ class Family:
         cls = getattr(diffusers, self.pipeline_class)
         return cls.from_pretrained(location, local_files_only=local, dtype=dtype)
 
+    #: (text encoder, tokenizer) components, in the pipeline's order
+    encoders: tuple[tuple[str, str], ...] = ()
+
     def peek(self, folder: Path) -> Peek:
+        raise NotImplementedError
+
+    def peek_folder(self, folder: Path, denoiser: str, cls) -> Peek:
+        """The architecture from a pipeline folder's configs: the ``denoiser`` component (a ``cls``) built on
+        the meta device, the VAE's scale factor and the tokenizers; ModelLoadError (one line) if unreadable."""
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer
+
+        needed = ["model_index.json", f"{denoiser}/config.json", "vae/config.json"] + [t for _, t in self.encoders]
+        missing = [name for name in needed if not (folder / name).exists()]
+        if missing:  # checked here, so that no loader ever falls back to asking a hub
+            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder (no {', '.join(missing)})")
+        try:
+            index = model_index(folder)
+            config = cls.load_config(str(folder / denoiser), local_files_only=True)
+            vae_config = AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True)
+            with torch.device("meta"):
+                model = cls.from_config(config)
+            tokenizers = {t: AutoTokenizer.from_pretrained(str(folder / t), local_files_only=True)
+                          for _, t in self.encoders}
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder: {one_line(exc)}") from exc
+        encoders = [{"name": e, "class": str((index.get(e) or [None, "?"])[1]), "tokenizer": t}
+                    for e, t in self.encoders]
+        vsf = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+        return Peek(model, vsf, tokenizers, encoders, self.context(tokenizers))
+
+    def context(self, tokenizers: dict[str, Any]) -> int:
+        """Keys of the text sequence the denoiser attends to."""
         raise NotImplementedError
 
     def peek_pipe(self, pipe) -> Peek:
@@ -125,9 +157,44 @@ class Family:
     def plan(self, peek: Peek, latent_hw: tuple[int, int], config) -> tuple[list, list[str]]:
         raise NotImplementedError
 
-    def pipeline_kwargs(self, config) -> dict[str, Any]:
+    def pipeline_kwargs(self, config, peek: Peek | None = None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call beyond prompt, steps, size, generator and callback."""
         return {"negative_prompt": config.negative_prompt or None, "guidance_scale": config.cfg_scale}
+
+    def use_scheduler(self, pipe) -> None:
+        """Give ``pipe`` the scheduler recordings use: DDIM, whose step output carries pred_original_sample
+        (the x̂0 previews show it)."""
+        from diffusers import DDIMScheduler
+
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def denoiser(self, pipe):
+        """The module whose attention processors are recorded."""
+        return pipe.unet
+
+    def latent_channels(self, peek: Peek) -> int:
+        return int(peek.denoiser.config.in_channels)
+
+    def recorder(self, pipe, plans, tokens: TokenInfo, *, context_length: int, fail_on_shape_error: bool = False,
+                 on_step=None):
+        """The recorder for ``plans``; a UNet block sees every context slot, so ``tokens`` are not needed."""
+        from capture.recorder import AttentionRecorder
+
+        return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
+                                 fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+
+    def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor | None:
+        """x̂0 of the step just taken (DDIM/DDPM give it as ``pred_original_sample``)."""
+        return getattr(out, "pred_original_sample", None)
+
+    def unpack(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents as ``[batch, channels, h, w]`` (a family that packs them into tokens unpacks here)."""
+        return latents
+
+    def cfg_half(self, pipe) -> str:
+        """``attention.cfg_half``: which samples the maps describe."""
+        return "conditional" if getattr(pipe, "do_classifier_free_guidance", False) else "all (no CFG batch)"
 
     def decode_preview(self, pipe, x0: torch.Tensor) -> torch.Tensor:
         """x̂0 of the conditional sample decoded by the VAE, as uint8 [H, W, 3] still on the device."""

@@ -8,9 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from capture.families.base import Family, ModelLoadError, Peek, TokenInfo, clip_tokens, model_index, one_line
+from capture.families.base import Family, Peek, TokenInfo, clip_tokens
 
 
 class StableDiffusion(Family):
@@ -21,34 +19,16 @@ class StableDiffusion(Family):
 
     # ------------------------------------------------------------------ architecture
     def peek(self, folder: Path) -> Peek:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import AutoTokenizer
+        from diffusers import UNet2DConditionModel
 
-        needed = ["model_index.json", "unet/config.json", "vae/config.json"] + [t for _, t in self.encoders]
-        missing = [name for name in needed if not (folder / name).exists()]
-        if missing:  # checked here, so that no loader ever falls back to asking a hub
-            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder (no {', '.join(missing)})")
-        try:
-            index = model_index(folder)
-            unet_config = UNet2DConditionModel.load_config(str(folder / "unet"), local_files_only=True)
-            vae_config = AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True)
-            with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(unet_config)
-            tokenizers = {t: AutoTokenizer.from_pretrained(str(folder / t), local_files_only=True)
-                          for _, t in self.encoders}
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"{folder} is not a {self.pipeline_class} folder: {one_line(exc)}") from exc
-        encoders = [{"name": e, "class": str((index.get(e) or [None, "?"])[1]), "tokenizer": t}
-                    for e, t in self.encoders]
-        vsf = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
-        return Peek(unet, vsf, tokenizers, encoders, self._context(tokenizers))
+        return self.peek_folder(folder, "unet", UNet2DConditionModel)
 
     def peek_pipe(self, pipe) -> Peek:
         tokenizers = {t: getattr(pipe, t) for _, t in self.encoders}
         encoders = [{"name": e, "class": type(getattr(pipe, e)).__name__, "tokenizer": t} for e, t in self.encoders]
-        return Peek(pipe.unet, int(pipe.vae_scale_factor), tokenizers, encoders, self._context(tokenizers))
+        return Peek(pipe.unet, int(pipe.vae_scale_factor), tokenizers, encoders, self.context(tokenizers))
 
-    def _context(self, tokenizers: dict[str, Any]) -> int:
+    def context(self, tokenizers: dict[str, Any]) -> int:
         # Every CLIP tokenizer pads to its model_max_length; the UNet sees that many keys.
         return int(next(iter(tokenizers.values())).model_max_length)
 

@@ -13,10 +13,10 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class = "StableDiffusionXLPipeline"
     encoders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
-    def pipeline_kwargs(self, config) -> dict:
+    def pipeline_kwargs(self, config, peek=None) -> dict:
         # Both encoders get the same prompt, as `prompt_2=None` means; the tokens that cross maps index
         # are therefore checked for agreement in `tokens`.
-        return {**super().pipeline_kwargs(config), "prompt_2": None, "negative_prompt_2": None}
+        return {**super().pipeline_kwargs(config, peek), "prompt_2": None, "negative_prompt_2": None}
 
     def decode_preview(self, pipe, x0: torch.Tensor) -> torch.Tensor:
         """In float16 the SDXL VAE overflows, so the pipeline decodes its final image with the VAE in

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from capture.config import NAMED_MODELS
 from capture.toyworld.world import VOCABULARY
 from export import words as _words
 
@@ -56,7 +57,7 @@ def is_toy_model(model: str | None) -> bool:
     itself, or a Stable Diffusion pipeline folder whose tokenizer has exactly the shipped tokenizer's
     vocabulary (a copy, or a model retrained with ``diffviz train-toyworld``). Real models, hub ids and
     paths that are no folder are not restricted (the model checks report those)."""
-    if model is None:
+    if model is None or model in NAMED_MODELS:  # the shipped models, UNet and MM-DiT, share one vocabulary
         return True
     try:
         folder = Path(model).expanduser()

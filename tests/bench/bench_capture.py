@@ -4,12 +4,17 @@
     python tests/bench/bench_capture.py --sd15          # full-size SD-1.5 UNet (random weights), 512², fp16, CUDA
     python tests/bench/bench_capture.py --sd15 --tiny-check   # the same code path, shrunk to run on a CPU
     python tests/bench/bench_capture.py --sdxl          # the tests' tiny SDXL pipeline (random weights), 64x128, CPU
+    python tests/bench/bench_capture.py --sd3           # the tests' tiny SD3 / Flux pipelines, 64x96, CPU
+    python tests/bench/bench_capture.py --flux
+    python tests/bench/bench_capture.py --flux-size     # a Flux-size transformer (random weights), 1024², fp16, CUDA:
+                                                        # one forward per step, plain vs recorded, with peak memory
 
 Quick-start settings: 30 steps, cross maps at 32, self maps at 16, 12 layers (every layer the model has
 when it has fewer). "recorded" runs the pipeline inside ``record_attention`` with the maps moved to the
 CPU once per step (``callback_on_step_end``); previews, metrics and writing are not part of either side.
 Runs alternate (plain, recorded, ...) after one warm-up each; the medians and their ratio are printed.
-Targets: <= 1.3x on CPU (default model), <= 1.10x on a GPU (SD-1.5, 12 layers).
+Targets: <= 1.3x on CPU (default model, tiny SD3/Flux), <= 1.10x on a GPU (SD-1.5, 12 layers),
+<= 1.15x and peak memory <= 1.2x for the Flux-size transformer on a GPU (every block recorded).
 """
 from __future__ import annotations
 
@@ -75,6 +80,9 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     on the device but never copies them (a diagnostic that separates compute from the per-step copy)."""
     kwargs = dict(num_inference_steps=steps, height=size[0], width=size[1], guidance_scale=7.5,
                   generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
+    if hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
+        kwargs["max_sequence_length"] = 16
+        record = None if record is None else {**record, "prompt": PROMPT}
     if device == "cuda":
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
@@ -90,10 +98,84 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     return time.perf_counter() - start, time.process_time() - cpu, out
 
 
+def flux_size(args) -> int:
+    """Flux-dev's transformer shape (19 double + 38 single blocks, 24 heads of 128, T5 512) with random
+    weights, called once per "step" on fixed inputs: plain, then with every block recorded."""
+    from diffusers import FluxTransformer2DModel
+
+    from capture.joint import JointRecorder, plan_joint_layers
+
+    tiny = args.tiny_check
+    device = args.device or ("cpu" if tiny else "cuda")
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    shape = dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]) if tiny else \
+        dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+             joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=[16, 56, 56], guidance_embeds=True)
+    side, text = (16, 16) if tiny else (64, 512)  # image tokens per side (1024 / 8 / 2), T5 length
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FluxTransformer2DModel(in_channels=64, **shape).to(dtype).eval()
+        axis = torch.arange(float(side))
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), axis, axis, indexing="ij"), -1)
+        inputs = dict(hidden_states=torch.randn(1, side * side, 64, dtype=dtype),
+                      encoder_hidden_states=torch.randn(1, text, shape["joint_attention_dim"], dtype=dtype),
+                      pooled_projections=torch.randn(1, shape["pooled_projection_dim"], dtype=dtype),
+                      timestep=torch.tensor([0.5], dtype=dtype), img_ids=ids.reshape(-1, 3).to(dtype),
+                      txt_ids=torch.zeros(text, 3, dtype=dtype),
+                      guidance=torch.tensor([3.5], dtype=dtype) if shape.get("guidance_embeds") else None)
+    plans, _ = plan_joint_layers(model, (side, side), resolution=32, self_resolution=16)
+    positions = list(range(12))  # a 12-token prompt at the start of the T5 sequence
+    steps, repeats = (2, 2) if tiny else (4, 3)
+
+    def run(recorded: bool) -> tuple[float, int]:
+        rec = JointRecorder(model, plans, context_length=text, positions=positions, image_first=False) if recorded else None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            if rec:
+                rec.install()
+            try:
+                for _ in range(steps):
+                    model(**inputs, return_dict=False)
+                    if rec:
+                        rec.collect()
+            finally:
+                if rec:
+                    rec.remove()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+        return (time.perf_counter() - start) / steps, peak
+
+    run(False), run(True)  # warm-up
+    plain, recorded = [], []
+    for _ in range(repeats):
+        plain.append(run(False))
+        recorded.append(run(True))
+    mp, mr = statistics.median(t for t, _ in plain), statistics.median(t for t, _ in recorded)
+    print(f"Flux-size transformer{' (tiny check)' if tiny else ''}, random weights, {side * side} image + {text} "
+          f"text tokens, {str(dtype)[6:]}, {device}: {len(plans)} recorded blocks, median of {repeats}")
+    print(f"plain            : {mp:.3f} s/step")
+    print(f"with recording   : {mr:.3f} s/step")
+    print(f"ratio            : {mr / mp:.3f}x  (target <= 1.15x)")
+    if device == "cuda":
+        pp, pr = max(m for _, m in plain), max(m for _, m in recorded)
+        print(f"peak memory      : {pp / 2**30:.2f} GiB plain, {pr / 2**30:.2f} GiB recorded, ratio {pr / pp:.3f}x "
+              f"(target <= 1.2x)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sd15", action="store_true", help="full-size SD-1.5 UNet, random weights (needs CUDA)")
     p.add_argument("--sdxl", action="store_true", help="the tests' tiny random-weight SDXL pipeline, 64x128 (CPU)")
+    p.add_argument("--sd3", action="store_true", help="the tests' tiny random-weight SD3 pipeline, 64x96 (CPU)")
+    p.add_argument("--flux", action="store_true", help="the tests' tiny random-weight Flux pipeline, 64x96 (CPU)")
+    p.add_argument("--flux-size", action="store_true",
+                   help="a Flux-size transformer, random weights, 1024², fp16 (CUDA; --tiny-check shrinks it for a CPU)")
     p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
     p.add_argument("--device", default=None, help="default: cpu, or cuda with --sd15 (cpu with --tiny-check)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; 2 with --tiny-check)")
@@ -105,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="profile one plain and one recorded image (torch.profiler)")
     args = p.parse_args(argv)
 
+    if args.flux_size:
+        return flux_size(args)
     tiny = args.sd15 and args.tiny_check
     device = args.device or ("cuda" if args.sd15 and not tiny else "cpu")
     steps = args.steps or (2 if tiny else 30)
@@ -122,11 +206,19 @@ def main(argv=None) -> int:
         pipe = pipeline_mod.load_pipeline(str(folder), device)
         size = (64, 128)
         label = f"tiny SDXL, random weights, 64x128, {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
+    elif args.sd3 or args.flux:
+        from tests.tiny_pipelines import build_flux, build_sd3
+
+        name = "sd3" if args.sd3 else "flux"
+        folder = (build_sd3 if args.sd3 else build_flux)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
+        pipe = pipeline_mod.load_pipeline(str(folder), device)
+        size = (64, 96)
+        label = f"tiny {name}, random weights, 64x96, {pipe.transformer.dtype}, {device}, {torch.get_num_threads()} threads"
     else:
         pipe = pipeline_mod.load_pipeline(None, device)
         size = pipeline_mod.native_size(pipe)
         label = f"default model, {size[0]}x{size[1]}, {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
-    with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
+    with record_attention(pipe, height=size[0], width=size[1], prompt=PROMPT, **record) as rec:
         layers = [plan.name for plan in rec.layers]
     print(f"{label}: {steps} steps, {len(layers)} recorded layers, cross 32, self 16, median of {repeats}")
 

@@ -1,0 +1,147 @@
+"""The sweep's bookkeeping: what an existing OUT holds, which runs are finished, and ``sweep.json``.
+
+A run counts as finished when its folder validates under the strict rules and records the run's own
+prompt, seed, guidance and step count; anything else is redone (a broken or foreign folder is replaced
+only when the new run lands: ``RunWriter`` writes beside it and renames). A finished run is never written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from capture.sweep.grid import Grid, RunSpec
+from export import bounded, contract
+from export import sweep as sweep_index
+from export.contract import DatasetError
+from export.validate import validate_run
+
+
+class SweepRefused(ValueError):
+    """OUT holds something this sweep must not write over; ``str()`` is one line."""
+
+
+def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first way two indexes describe different sweeps (template, axes, shared settings), or None."""
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+    if old["template"] != new["template"]:
+        return f"the prompt was {old['template']!r}"
+    old_axes = [a["name"] for a in old["grid"]]
+    new_axes = [a["name"] for a in new["grid"]]
+    if old_axes != new_axes:
+        return f"its axes were {', '.join(old_axes)}"
+    for a, b in zip(old["grid"], new["grid"]):
+        if not same(a["values"], b["values"]):
+            return f"axis {a['name']} was {', '.join(map(str, a['values']))[:120]}"
+    for key in sorted(set(old["base"]) | set(new["base"])):
+        if not same(old["base"].get(key), new["base"].get(key)):
+            return f"--{key.replace('_', '-')} was {old['base'].get(key)!r}"
+    return None
+
+
+def finished(folder: Path, spec: RunSpec) -> bool:
+    """True when ``folder`` is a complete, strictly valid run of exactly this spec."""
+    if not folder.is_dir() or folder.is_symlink() or validate_run(folder, strict=True):
+        return False
+    try:
+        run = bounded.read_json(folder, contract.METADATA_FILE).get("run", {})
+    except (DatasetError, AttributeError):
+        return False
+    c = spec.config
+    return (run.get("prompt"), run.get("seed"), run.get("cfg_scale"), run.get("num_steps")) == \
+        (c.prompt, c.seed, c.cfg_scale, c.num_steps)
+
+
+class Ledger:
+    """The runs of one sweep with their status, written to ``OUT/sweep.json``.
+
+    ``min_interval`` spaces out rewrites of a large index (a rewrite costs O(runs)); :meth:`flush` writes
+    whatever is pending. The folders on disk, not the index, decide what a resume redoes.
+    """
+
+    def __init__(self, out: Path, grid: Grid, specs: Sequence[RunSpec], *, min_interval: float | None = None):
+        self.out, self.grid = out, grid
+        self.specs = {s.name: s for s in specs}
+        self.entries: dict[str, dict[str, Any]] = {
+            s.name: {"name": s.name, "params": s.params, "prompt": s.prompt, "status": sweep_index.STATUS_PENDING,
+                     "error": None, "headline": None, "thumbnail": None} for s in specs}
+        self.min_interval = (0.0 if len(specs) <= 1000 else 2.0) if min_interval is None else min_interval
+        self._written = 0.0
+        self._dirty = False
+
+    def document(self) -> dict[str, Any]:
+        return sweep_index.index_document(self.grid.template, self.grid.index_grid(), self.grid.index_base(),
+                                          list(self.entries.values()))
+
+    # ------------------------------------------------------------------ deciding
+    def plan(self, *, overwrite: bool, log=None) -> list[RunSpec]:
+        """Compare with what OUT holds; mark finished runs done and return the specs to run (in grid order).
+
+        Raises :class:`SweepRefused` for an OUT that holds another sweep or other files, unless ``overwrite``;
+        a broken sweep.json is refused too (the runs beside it are someone's work)."""
+        out = self.out
+        previous = None
+        if (out / sweep_index.SWEEP_FILE).exists():
+            try:
+                previous = sweep_index.read_index(out)
+            except DatasetError as exc:
+                if not overwrite:
+                    raise SweepRefused(f"{out}: {exc}; pass --overwrite-output to start a new sweep there") from None
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            if not out.is_dir():
+                raise SweepRefused(f"--out: {out} exists and is not a folder")
+            raise SweepRefused(f"--out: {out} is not empty and holds no {sweep_index.SWEEP_FILE}; "
+                               "pass --overwrite-output to write the sweep there")
+        if out.exists() and not out.is_dir():
+            raise SweepRefused(f"--out: {out} exists and is not a folder")
+        same = previous is not None and difference(previous, self.document()) is None
+        if previous is not None and not same and not overwrite:
+            raise SweepRefused(f"--out: {out} holds a different sweep ({difference(previous, self.document())}); "
+                               "pass --overwrite-output to replace its runs, or choose another --out")
+        old = {r["name"]: r for r in previous["runs"]} if same else {}
+        todo = []
+        for name, spec in self.specs.items():
+            folder = out / name
+            if same and finished(folder, spec):
+                entry = self.entries[name]
+                before = old.get(name, {})
+                entry["status"] = sweep_index.STATUS_DONE
+                entry["headline"] = before.get("headline") if before.get("status") == "done" else None
+                if entry["headline"] is None:
+                    entry["headline"] = sweep_index.headline(folder)
+                entry["thumbnail"] = f"{name}/{contract.FINAL_IMAGE}"
+                continue
+            if folder.exists() or folder.is_symlink():
+                if log is not None and same:
+                    log(f"{name}: the folder there is not a finished run; it is redone and replaced when done")
+                spec = replace(spec, config=replace(spec.config, overwrite_output=True))
+                self.specs[name] = spec
+            todo.append(spec)
+        return todo
+
+    # ------------------------------------------------------------------ recording
+    def record(self, result: dict[str, Any]) -> None:
+        entry = self.entries[result["name"]]
+        entry["status"] = result["status"]
+        entry["error"] = result.get("error")
+        entry["headline"] = result.get("headline")
+        done = result["status"] == sweep_index.STATUS_DONE
+        entry["thumbnail"] = f"{entry['name']}/{contract.FINAL_IMAGE}" if done else None
+        self._dirty = True
+        self.flush(force=False)
+
+    def flush(self, force: bool = True) -> None:
+        if not force and time.monotonic() - self._written < self.min_interval:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        sweep_index.write_index(self.out, self.document())
+        self._written = time.monotonic()
+        self._dirty = False
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in sweep_index.STATUSES}
+        for e in self.entries.values():
+            out[e["status"]] += 1
+        return out

@@ -1,0 +1,112 @@
+"""Benchmark: a 16-run toy sweep (4 colours x 4 seeds, 10 steps, 32x32) on the local executor (one process)
+against the Ray executor (a local cluster, 2 workers), one torch thread per worker on both.
+
+    python tests/bench/bench_sweep.py [--runs-per-axis 4] [--num-steps 10] [--workers 2]
+
+Prints, for each executor, runs/s and the overhead per run: wall time / runs minus one run's generate time
+measured in this process with the pipeline already loaded (so model loads, cluster start, actor start, the
+index and the progress bar are the overhead; Ray's cluster start is timed apart). Ray's is divided over its workers before subtracting, since
+they run side by side. Then Ray's throughput over local's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+# Ray's workers import diffviz from the repo too; and Ray must not phone home
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+COLOURS = ["red", "green", "yellow", "blue"]
+PROMPT = "a {colour} circle and a blue square"
+
+
+def sweep_args(n: int, steps: int) -> list[str]:
+    return ["--prompt", PROMPT, "--set", "colour=" + ",".join(COLOURS[:n]), "--seeds", f"0-{n - 1}",
+            "--num-steps", str(steps), "--height", "32", "--width", "32", "--threads", "1", "--quiet"]
+
+
+def single_run_seconds(steps: int, tmp: Path, repeats: int = 3) -> float:
+    """One run's generate time, pipeline loaded and warmed, one thread (the median of ``repeats``)."""
+    import torch
+
+    from capture import pipeline as pipeline_mod
+    from capture import run as run_mod
+    from capture.config import GenerateConfig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = GenerateConfig(prompt=PROMPT.format(colour="red"), num_steps=steps, height=32, width=32,
+                                output_dir=str(tmp / "single"), overwrite_output=True)
+        prepared = run_mod.prepare(config)
+        pipe = pipeline_mod.load_pipeline(config.model, config.device, config.dtype)
+        run_mod.generate(config, pipeline=pipe, prepared=prepared)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run_mod.generate(config, pipeline=pipe, prepared=prepared)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
+def timed_sweep(argv: list[str]) -> float:
+    from capture.sweep import cli
+
+    t = time.perf_counter()
+    code = cli.main(argv)
+    wall = time.perf_counter() - t
+    if code != 0:
+        raise SystemExit(f"bench_sweep: the sweep exited {code}: {' '.join(argv)}")
+    return wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-per-axis", type=int, default=4, choices=range(1, 5))
+    p.add_argument("--num-steps", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args()
+    runs = a.runs_per_axis ** 2
+    tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    try:
+        single = single_run_seconds(a.num_steps, tmp)
+        base = sweep_args(a.runs_per_axis, a.num_steps)
+        local = timed_sweep(base + ["--out", str(tmp / "local")])
+        import ray
+
+        # the cluster is started here so its start-up is timed apart; the sweep then joins it (as in a test)
+        t = time.perf_counter()
+        ray.init(num_cpus=max(os.cpu_count() or 1, a.workers), include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", object_store_memory=100 * 2**20)
+        start = time.perf_counter() - t
+        try:
+            remote = timed_sweep(base + ["--out", str(tmp / "ray"), "--executor", "ray", "--workers", str(a.workers)])
+        finally:
+            ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"toy sweep: {runs} runs, {a.num_steps} steps, 32x32, 1 torch thread per worker, {os.cpu_count()} CPUs")
+    print(f"one run's generate (in-process, loaded): {single:.3f} s")
+    print(f"local, 1 process : wall {local:7.2f} s  {runs / local:6.3f} runs/s  overhead/run {local / runs - single:+.3f} s")
+    per_run_ray = remote * a.workers / runs  # worker-seconds per run
+    print(f"ray, {a.workers} workers   : wall {remote:7.2f} s  {runs / remote:6.3f} runs/s  "
+          f"overhead/run {per_run_ray - single:+.3f} s (worker-seconds per run minus one run)")
+    print(f"ray cluster start (not in the wall above): {start:.2f} s; with it: {runs / (remote + start):.3f} runs/s")
+    print(f"ray / local throughput: {local / remote:.2f}x, {local / (remote + start):.2f}x with the cluster start  "
+          f"(ideal {a.workers}x with {a.workers} free cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
