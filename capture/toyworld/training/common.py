@@ -127,3 +127,25 @@ def ema_decay_at(step: int, cap: float, warmup: float) -> float:
     return min(cap, (1 + step) / (warmup + step))
 
 
+
+
+class StepBudget:
+    """``--time-budget``: the step count is chosen from the speed of steps [probe_steps/3, probe_steps), inside
+    the LR warm-up, whose learning rates do not depend on the total, so ``--steps <chosen>`` repeats the run."""
+
+    def __init__(self, steps: int | None, time_budget: float | None, probe_steps: int, log, stage: str):
+        self.total, self.time_budget, self.probe_steps = steps, time_budget, probe_steps
+        self.log, self.stage = log, stage
+        self.probe_start = probe_steps // 3
+        self.t0 = self.t_probe = time.time()
+
+    def at(self, step: int) -> int | None:
+        """The total as known at ``step`` (None until it is chosen); call once per step, before its work."""
+        if self.total is None and step == self.probe_steps:
+            rate = (time.time() - self.t_probe) / (self.probe_steps - self.probe_start)
+            self.total = max(self.probe_steps + 1,
+                             int((self.time_budget - (time.time() - self.t0)) / rate) + self.probe_steps)
+            self.log(stage=self.stage, event="step count chosen", steps=self.total, sec_per_step=round(rate, 4))
+        if step == self.probe_start:
+            self.t_probe = time.time()
+        return self.total

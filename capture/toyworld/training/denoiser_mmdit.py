@@ -15,7 +15,7 @@ import torch
 
 from .. import mmdit
 from ..probe import ProbeStore
-from .common import Logger, WorldStream, batches, ema_decay_at, lr_at, to_pixels, token_table
+from .common import Logger, StepBudget, WorldStream, batches, ema_decay_at, lr_at, to_pixels, token_table
 from .grounding import grounding_loss
 
 
@@ -77,21 +77,14 @@ def train_mmdit(pipe, *, steps: int | None, time_budget: float | None, batch: in
     gen = torch.Generator(device=device).manual_seed(seed)
     sf, shift_z = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     shift = pipe.scheduler.config.shift
-    t0 = time.time()
+    budget = StepBudget(steps, time_budget, probe_steps, log, "mmdit")
+    t0 = budget.t0
     total, step = steps, 0
     losses, glosses = [], []
-    probe_start = probe_steps // 3
-    t_probe = t0
     for data in batches(stream, workers):
         if total is not None and step >= total:
             break
-        # --time-budget: time steps inside the LR warm-up, whose learning rates do not depend on the total.
-        if total is None and step == probe_steps:
-            rate = (time.time() - t_probe) / (probe_steps - probe_start)
-            total = max(probe_steps + 1, int((time_budget - (time.time() - t0)) / rate) + probe_steps)
-            log(stage="mmdit", event="step count chosen", steps=total, sec_per_step=round(rate, 4))
-        if step == probe_start:
-            t_probe = time.time()
+        total = budget.at(step)
         cur_lr = lr_at(step, total or 10**9, lr, warmup, lr_floor)
         for g in opt.param_groups:
             g["lr"] = cur_lr

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import probe
 from .checkpoint import ema_also_path, save_checkpoint
-from .common import Logger, WorldStream, batches, ema_decay_at, lr_at, to_pixels, token_table
+from .common import Logger, StepBudget, WorldStream, batches, ema_decay_at, lr_at, to_pixels, token_table
 from .grounding import grounding_loss
 
 
@@ -57,12 +57,12 @@ def train_unet(pipe, *, steps: int | None, time_budget: float | None, batch: int
         kernel = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731
     else:
         kernel = contextlib.nullcontext
-    t0 = time.time()
+    budget = StepBudget(steps, time_budget, probe_steps, log, "unet")
+    t0 = budget.t0
     last_ckpt = t0
     total = steps
     step = 0
     losses, glosses = [], []
-    probe_start = probe_steps // 3
     if also and not checkpoint:
         raise ValueError("ema_also needs a checkpoint path: its averages are written beside it")
     if time_budget is not None and not 3 <= probe_steps <= warmup:
@@ -81,14 +81,7 @@ def train_unet(pipe, *, steps: int | None, time_budget: float | None, batch: int
     for data in batches(stream, workers):
         if total is not None and step >= total:
             break
-        # --time-budget: time steps [probe_steps/3, probe_steps), inside the LR warm-up, whose
-        # learning rates do not depend on the total, so `--steps <chosen>` repeats this run exactly.
-        if total is None and step == probe_steps:
-            rate = (time.time() - t_probe) / (probe_steps - probe_start)
-            total = max(probe_steps + 1, int((time_budget - (time.time() - t0)) / rate) + probe_steps)
-            log(stage="unet", event="step count chosen", steps=total, sec_per_step=round(rate, 4))
-        if step == probe_start:
-            t_probe = time.time()
+        total = budget.at(step)
         cur_lr = lr_at(step, total or 10**9, lr, warmup, lr_floor)
         for g in opt.param_groups:
             g["lr"] = cur_lr
