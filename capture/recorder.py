@@ -1,38 +1,57 @@
-"""Recording attention maps from a diffusers UNet without changing its output.
+"""Recording attention maps by observing the model's own attention call; nothing is replaced.
 
 Read it as a sentence::
 
     with record_attention(pipe, layers=["up_blocks.*"], max_layers=12) as rec:
         image = pipe(prompt, callback_on_step_end=rec.callback_on_step_end).images[0]
-    rec.steps[0].cross[0]        # [context_length, r, r] of step 0, layer 0 (the model's dtype)
+    rec.steps[0].cross[0]        # [context_length, h, w] of step 0, layer 0 (the model's dtype)
 
-How it works. A *layer* is one transformer block (``down_blocks.0.attentions.0.transformer_blocks.0``):
-its ``attn1`` processor is self-attention, its ``attn2`` processor cross-attention. On the chosen
-layers :class:`RecordingAttnProcessor` replaces the processor. It is diffusers' ``AttnProcessor2_0``
-line for line, so the layer output comes from the very same ``scaled_dot_product_attention`` call
-(bit-identical); beside it, for the conditional (last) sample of the CFG batch only, it computes
+How it works. A *layer* is one block of the denoiser; its family (``capture.families``) says which of the
+block's attention modules are recorded and what each one's query and key are (``LayerPlan.sites``): a UNet
+or cross-attention DiT block has ``attn1`` (self: image queries, image keys) and ``attn2`` (cross: image
+queries, text keys); an MM-DiT block has one ``attn`` over the joint [image; text] or [text; image] sequence.
 
-    map = mean_heads( pool_queries( softmax(q kᵀ / √d) @ P ) )
+Each recorded module gets a forward pre-hook and a forward hook (plain torch hooks, the second with
+``always_call``). While that module runs, and only then, :class:`_Observer`, a
+``torch.overrides.TorchFunctionMode``, is on torch's mode stack. It passes every torch call through
+unchanged; when the call is ``torch.nn.functional.scaled_dot_product_attention`` it runs it, returns its
+very output to the model, and hands the call's query, key, mask, scale and output to the layer's slot,
+which computes the maps of the conditional (last) sample beside it. The model's own processor runs
+unchanged, whatever its class, so the output is bit-identical to an unrecorded run by construction.
 
-* Keys kept as they are (cross attention keeps every context slot; self maps at their native grid):
-  ``softmax(baddbmm(q, kᵀ, alpha=1/√d))``, the same scores diffusers' classic processor computes.
-* Keys pooled (self maps below their native grid): ``P`` is a one-hot [keys, cells] matrix that sums
-  each cell's keys (rows still sum to 1), and ``softmax(q kᵀ/√d) @ P`` is one
-  ``scaled_dot_product_attention(q, k, P)`` call, so the [n, n] map is never materialised. On the CPU,
-  up to :data:`DENSE_MAX` elements, the map is materialised instead (head mean first, then the two
-  poolings as matmuls), which costs far less there than SDPA with a value as wide as the cell count.
+Why there: every diffusers attention path that forms a softmax ends in that call. ``AttnProcessor2_0`` and
+``JointAttnProcessor2_0`` call it directly; ``FluxAttnProcessor`` and the other ``AttentionModuleMixin``
+processors go through ``dispatch_attention_fn``, whose native backends call it. Backends that never form the
+probabilities (flash, sage, xformers, flex) are switched to ``native`` on the recorded modules for the run
+(``metadata.attention.backend`` says so). The mode is scoped to the recorded modules, so the rest of the model
+pays nothing (inside them each torch call costs about 1.5 µs more), and the hook names the layer. A processor
+that makes no such call, or several with the planned shape per module call, is refused in one line naming it.
+
+A module that did not run at a step (a caching hook such as diffusers' FirstBlockCache skipped its block) is
+recorded as *not computed* at that step (``StepMaps.skipped``, ``metadata.layers[].computed``): never a stale map.
+
+The maps, for the conditional sample:
+
+    map = mean_heads( pool_queries( softmax(q kᵀ · scale + mask) @ P ) )
+
+* Keys kept (cross attention; self maps at their native grid): the probabilities, materialised.
+* Keys pooled (self maps below their native grid): ``P`` is a one-hot [keys, cells] matrix that sums each
+  cell's keys (rows still sum to 1), and ``softmax(q kᵀ · scale) @ P`` is one ``scaled_dot_product_attention(q,
+  k, P)`` call, so the [n, n] map is never materialised. On the CPU, up to :data:`DENSE_MAX` elements, the map
+  is materialised instead (head mean first, then the two poolings as matmuls), which costs far less there.
 * Queries pooled: the head mean and the query-cell mean are one matmul with a precomputed
   [cells, heads*queries] matrix; queries kept: one ``mean`` over heads.
+* Joint attention (MM-DiT): ``capture.joint``.
 
-Each map is written into its slice of one flat device buffer (query-major: [cells, keys]), which
-moves to the CPU once per step in one copy (:meth:`AttentionRecorder.start_copy`: asynchronous into
-pinned memory on a GPU, so the host never waits for the device mid-run). Per recorded layer the host
-issues three or four kernels and no sync.
+Each map is written into its slice of one flat device buffer, which moves to the CPU once per step in one copy
+(:meth:`AttentionRecorder.start_copy`: asynchronous into pinned memory on a GPU).
 
-Maps are only pooled down: a grid smaller than the resolution is kept at its native size. Both sides
-of a grid are divided by the same integer factor (the aspect ratio is kept), the smallest that brings
-the long side within the resolution. ``per_head`` keeps every head's cross map ([heads, T, h, w]).
+Maps are only pooled down: a grid smaller than the resolution is kept at its native size. Both sides of a grid
+are divided by the same integer factor (the aspect ratio is kept), the smallest that brings the long side within
+the resolution; a grid that factor does not divide is pooled with uneven windows (CONTRACT.md, "Pooling"), and a
+warning says so. ``per_head`` keeps every head's cross map ([heads, T, h, w]).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -46,8 +65,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 SELF, CROSS = "attn1", "attn2"
+#: the roles of an observed attention module (``LayerPlan.sites``)
+ROLE_SELF, ROLE_CROSS, JOINT = "self", "cross", "joint"
 #: On the CPU a pooled self map is cheaper from the materialised [heads, q, k] probabilities (head mean,
 #: then two small matmuls) than from SDPA with the [keys, cells] pooling matrix as a wide value, up to
 #: this many elements (float32: 128 MB); past it, and on GPUs, SDPA keeps the map unmaterialised.
@@ -84,6 +106,8 @@ class LayerPlan:
     kind: str = "unet"                          # metadata.layers[].kind
     text: bool = False                          # joint layers: text->image maps at the cross grid
     concept: bool = False                       # joint layers: output-space concept maps at the cross grid
+    #: the block's attention modules that are observed: (submodule, role), role "self", "cross" or "joint"
+    sites: tuple[tuple[str, str], ...] = ()
 
     def cross_shape(self, tokens: int) -> list[int] | None:
         if self.cross_grid is None:
@@ -104,7 +128,7 @@ class LayerPlan:
         meta = {"index": self.index, "name": self.name, "block": self.block, "kind": self.kind,
                 "native": list(self.native), "heads": self.heads, "cross_shape": self.cross_shape(tokens),
                 "self_shape": self.self_shape(), "self_grid": None if self.self_grid is None else list(self.self_grid)}
-        if self.kind != "unet":
+        if any(role == JOINT for _, role in self.sites):
             meta["text_shape"] = self.grid_shape(tokens, self.text)
             meta["concept_shape"] = self.grid_shape(tokens, self.concept)
         return meta
@@ -193,24 +217,40 @@ def pooled_grid(native: tuple[int, int], resolution: int) -> tuple[int, int]:
 def plan_layers(unet, latent_hw: tuple[int, int], *, patterns: Sequence[str] = (), max_layers: int | None = None,
                 cross: bool = True, self_: bool = True, resolution: int = 32, self_resolution: int = 16,
                 per_head: bool = False) -> tuple[list[LayerPlan], list[str]]:
-    """The layer plans, plus one message per layer whose grid does not pool evenly."""
+    """A UNet's layer plans (each block at its own grid), plus one message per grid that does not pool evenly."""
     grids = native_grids(unet, latent_hw)
-    heads = {name: int(m.heads) for name, m in unet.named_modules() if name.endswith(f".{CROSS}")}
+    return plan_blocks(unet, select_layers(unet, patterns, max_layers), lambda name: grids[block_of(name)],
+                       kind="unet", cross=cross, self_=self_, resolution=resolution, self_resolution=self_resolution,
+                       per_head=per_head)
+
+
+def plan_blocks(denoiser, names: Sequence[str], grid_of: Callable[[str], tuple[int, int]], *, kind: str,
+                cross: bool = True, self_: bool = True, resolution: int = 32, self_resolution: int = 16,
+                per_head: bool = False, block: Callable[[str], str] = block_of) -> tuple[list[LayerPlan], list[str]]:
+    """Plans for blocks with ``attn1`` (self) and ``attn2`` (cross) modules (a UNet's, a cross-attention DiT's),
+    plus one message per grid that does not pool evenly."""
+    modules = dict(denoiser.named_modules())
     plans, problems = [], []
-    for index, name in enumerate(select_layers(unet, patterns, max_layers)):
-        block = block_of(name)
-        native = grids[block]
-        plan = LayerPlan(index, name, block, native, heads=heads[f"{name}.{CROSS}"], per_head=per_head and cross)
+    for index, name in enumerate(names):
+        native = tuple(grid_of(name))
+        plan = LayerPlan(index, name, block(name), native, heads=int(modules[f"{name}.{CROSS}"].heads),
+                         per_head=per_head and cross, kind=kind)
         if cross:
             plan.cross_grid = pooled_grid(native, resolution)
         if self_:
             plan.self_grid = pooled_grid(native, self_resolution)
-        for kind, grid in (("cross", plan.cross_grid), ("self", plan.self_grid)):
-            if grid is not None and (native[0] % grid[0] or native[1] % grid[1]):
-                problems.append(f"layer {name}: native grid {native[0]}x{native[1]} does not divide into "
-                                f"{grid[0]}x{grid[1]} for {kind} maps (uneven pooling windows)")
+        plan.sites = tuple((module, role) for module, role, grid in ((SELF, ROLE_SELF, plan.self_grid),
+                                                                     (CROSS, ROLE_CROSS, plan.cross_grid))
+                           if grid is not None)
+        problems += uneven(name, native, (("cross", plan.cross_grid), ("self", plan.self_grid)))
         plans.append(plan)
     return plans, problems
+
+
+def uneven(name: str, native: tuple[int, int], grids) -> list[str]:
+    """One message per ``(what, grid)`` that ``native`` does not divide into (uneven pooling windows)."""
+    return [f"layer {name}: native grid {native[0]}x{native[1]} does not divide into {g[0]}x{g[1]} for {what} maps "
+            f"(uneven pooling windows)" for what, g in grids if g is not None and (native[0] % g[0] or native[1] % g[1])]
 
 
 def pooling_matrix(native: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
@@ -246,113 +286,198 @@ def pooling_operators(native: tuple[int, int], grid: tuple[int, int], heads: int
     return query_pool, key_pool[None, None].repeat(1, heads, 1, 1).contiguous()
 
 
-# --------------------------------------------------------------------------- the processor
+# --------------------------------------------------------------------------- the slots
+
+
+def last_sample_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA ``attn_mask`` (broadcastable to [batch, heads, queries, keys]) for the last sample only, as a 4-D
+    additive mask ``[1, heads | 1, queries | 1, keys]`` (a boolean mask is True where attention is allowed)."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask[None]
+    mask = mask[-1:]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def same_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``key`` with its heads repeated to the query's (grouped-query attention, SDPA's ``enable_gqa``)."""
+    if key.shape[1] == query.shape[1]:
+        return key
+    return key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
 
 
 class _Slot:
-    """What one processor records: its pooling operators and its view into the step buffer."""
+    """One observed attention module: its per-step bookkeeping and its parts of the flat step buffer.
 
-    __slots__ = ("plan", "kind", "queries", "keys", "key_pool", "query_pool", "zero", "out", "offset", "calls", "error",
-                 "per_head", "dense")
+    Subclasses set ``queries``/``keys`` (the planned sequence lengths), take their parts in ``__init__`` and
+    implement :meth:`record` (from the call's ``[batch, heads, sequence, head_dim]`` query and key) and
+    :meth:`unpack` (into a :class:`StepMaps`)."""
 
-    def __init__(self, plan, kind, queries, keys, key_pool, query_pool, out, offset, dense=None):
-        self.plan, self.kind, self.queries, self.keys = plan, kind, queries, keys
-        self.key_pool = key_pool        # None (keys kept) or [1, heads, keys, cells]: sums each cell's keys
-        self.query_pool = query_pool    # None (queries kept) or [cells, heads*queries]: head + cell mean
-        self.dense = dense              # None, or ([cells, queries] cell mean, [keys, cells] key sum): see DENSE_MAX
-        self.zero = torch.zeros((), dtype=out.dtype, device=out.device)  # baddbmm's ignored input
-        self.out = out                  # view into the flat step buffer: [(heads,) query cells, keys or key cells]
-        self.offset = offset
-        self.per_head = out.dim() == 3
-        self.calls = 0
+    def __init__(self, plan: LayerPlan, module: str, role: str):
+        self.plan, self.module, self.role = plan, module, role
+        self.queries = self.keys = 0
+        self.processor = "?"
+        self.parts: list[tuple[str, int, tuple[int, ...]]] = []   # (what, offset, shape) in the flat buffer
+        self.entered = 0             # module calls this step
+        self.seen = 0                # calls of this module call that matched the plan
         self.error: str | None = None
+        self.fatal = False           # an error that no plan change fixes (the processor cannot be observed)
+        self.mismatch: str | None = None
+        self.path = f"{plan.name}.{module}"
+
+    def take(self, layout: list[int], what: str, shape: tuple[int, ...]) -> None:
+        self.parts.append((what, layout[0], tuple(shape)))
+        layout[0] += math.prod(shape)
+
+    def bind(self, buffer: torch.Tensor) -> None:
+        self.views = {what: buffer[offset:offset + math.prod(shape)].view(shape) for what, offset, shape in self.parts}
+
+    def observe(self, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        """One ``scaled_dot_product_attention`` call made while this module ran."""
+        call = dict(zip(_SDPA_ARGS, args), **kwargs)
+        query, key = call["query"], call["key"]
+        if query.dim() != 4 or query.shape[2] != self.queries or key.shape[2] != self.keys:
+            self.mismatch = f"got {query.shape[-2]} queries x {key.shape[-2]} keys, planned {self.queries} queries x {self.keys} keys"
+            return
+        if call.get("is_causal") or float(call.get("dropout_p") or 0.0) > 0.0:
+            self.fail("calls attention with is_causal or dropout, whose probabilities diffviz does not rebuild")
+            return
+        self.seen += 1
+        if self.seen > 1:
+            self.fail("makes more than one attention call of the planned shape per call; diffviz records one")
+            return
+        if self.error is None:
+            self.record(query, same_heads(query, key), output, last_sample_mask(call.get("attn_mask"), query.dtype),
+                        call.get("scale"))
+
+    def fail(self, why: str) -> None:
+        if self.error is None or not self.fatal:
+            self.error = f"layer {self.plan.name}: {self.module}'s processor {self.processor} {why}"
+            self.fatal = True
+
+    def record(self, query, key, output, mask, scale) -> None:
+        raise NotImplementedError
+
+    def unpack(self, flat: np.ndarray, maps: "StepMaps", key_positions: Sequence[int]) -> None:
+        raise NotImplementedError
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as SDPA reads it (True = attend), in additive form."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-class RecordingAttnProcessor:
-    """``AttnProcessor2_0`` plus the pooled, head-averaged map of the conditional sample."""
+class _MapSlot(_Slot):
+    """An ``attn1`` (self) or ``attn2`` (cross) module: image queries, and image or text keys."""
 
-    def __init__(self, slot: _Slot):
-        self.slot = slot
+    def __init__(self, plan: LayerPlan, module: str, role: str, *, heads: int, context_length: int, layout: list[int],
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__(plan, module, role)
+        cross = role == ROLE_CROSS
+        grid = plan.cross_grid if cross else plan.self_grid
+        cells = grid[0] * grid[1]
+        self.grid = grid
+        self.queries = plan.native[0] * plan.native[1]
+        self.keys = context_length if cross else self.queries
+        self.per_head = cross and plan.per_head
+        shape = (cells, self.keys if cross else cells)
+        self.take(layout, role, (heads, *shape) if self.per_head else shape)
+        kind = CROSS if cross else SELF
+        self.query_pool, self.key_pool = pooling_operators(tuple(plan.native), tuple(grid), heads, kind, device, dtype,
+                                                           self.per_head)
+        self.dense = None   # ([cells, queries] cell mean, [keys, cells] key sum): see DENSE_MAX
+        if self.key_pool is not None and device.type == "cpu" and heads * self.queries * self.keys <= DENSE_MAX:
+            cell_mean = pooling_operators(tuple(plan.native), tuple(grid), heads, CROSS, device, dtype, True)[0]
+            self.dense = (cell_mean, self.key_pool[0, 0])
+        self.zero = torch.zeros((), dtype=dtype, device=device)  # baddbmm's ignored input
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        # ---- AttnProcessor2_0, unchanged -------------------------------------------------------
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-
-        # ---- the recording: the conditional (last) sample only (see the module docstring) ----------
-        slot = self.slot
-        slot.calls += 1
-        if query.shape[2] == slot.queries and key.shape[2] == slot.keys:
-            mask = None if attention_mask is None else _additive(attention_mask[-1:], query.dtype)
-            if slot.key_pool is None or slot.dense is not None:
-                probs = torch.baddbmm(slot.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
-                                      beta=0 if mask is None else 1, alpha=query.shape[-1] ** -0.5).softmax(-1)
-            else:  # 4-D, so that the fused kernels (not the math fallback) run on a GPU
-                probs = F.scaled_dot_product_attention(query[-1:], key[-1:], slot.key_pool, attn_mask=mask)
-            if slot.dense is not None:  # [heads, q, k] -> head mean -> cells x key cells
-                cell_mean, key_sum = slot.dense
-                torch.matmul(torch.matmul(cell_mean, probs.mean(dim=0)), key_sum, out=slot.out)
-            elif slot.per_head:  # [heads, queries, keys] -> [heads, cells, keys]
-                if slot.query_pool is None:
-                    slot.out.copy_(probs.view(slot.out.shape))
-                else:
-                    torch.matmul(slot.query_pool, probs.view(-1, *probs.shape[-2:]), out=slot.out)
-            elif slot.query_pool is None:
-                torch.mean(probs.view(-1, *probs.shape[-2:]), dim=0, out=slot.out)
+    def record(self, query, key, output, mask, scale) -> None:
+        out = self.views[self.role]
+        alpha = query.shape[-1] ** -0.5 if scale is None else scale
+        if self.key_pool is None or self.dense is not None:
+            probs = torch.baddbmm(self.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
+                                  beta=0 if mask is None else 1, alpha=alpha).softmax(-1)
+        else:  # 4-D, so that the fused kernels (not the math fallback) run on a GPU
+            probs = F.scaled_dot_product_attention(query[-1:], key[-1:], self.key_pool, attn_mask=mask, scale=scale)
+        if self.dense is not None:  # [heads, q, k] -> head mean -> cells x key cells
+            cell_mean, key_sum = self.dense
+            torch.matmul(torch.matmul(cell_mean, probs.mean(dim=0)), key_sum, out=out)
+        elif self.per_head:  # [heads, queries, keys] -> [heads, cells, keys]
+            if self.query_pool is None:
+                out.copy_(probs.view(out.shape))
             else:
-                torch.matmul(slot.query_pool, probs.reshape(-1, probs.shape[-1]), out=slot.out)
-        elif slot.error is None:
-            slot.error = (f"layer {slot.plan.name} ({slot.kind}): got {query.shape[2]} queries x {key.shape[2]} keys, "
-                          f"planned {slot.queries} queries x {slot.keys} keys")
+                torch.matmul(self.query_pool, probs.view(-1, *probs.shape[-2:]), out=out)
+        elif self.query_pool is None:
+            torch.mean(probs.view(-1, *probs.shape[-2:]), dim=0, out=out)
+        else:
+            torch.matmul(self.query_pool, probs.reshape(-1, probs.shape[-1]), out=out)
 
-        # ---- AttnProcessor2_0, unchanged -------------------------------------------------------
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+    def unpack(self, flat: np.ndarray, maps: "StepMaps", key_positions: Sequence[int]) -> None:
+        (what, offset, shape), = self.parts
+        block = flat[offset:offset + math.prod(shape)]
+        if self.role == ROLE_CROSS:  # [(heads,) cells, K] -> [(heads,) K, h, w]
+            k = shape[-1]
+            full = block.reshape(-1, shape[-2], k).transpose(0, 2, 1).reshape(-1, k, *self.grid)
+            maps.cross[self.plan.index] = full if self.per_head else full[0]
+        else:
+            maps.self_[self.plan.index] = block.reshape(shape)
+
+
+# --------------------------------------------------------------------------- the observer
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+class _Observer(TorchFunctionMode):
+    """On the mode stack only while a recorded attention module runs (the hooks push and pop it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.slots: list[_Slot] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)   # the model's own call, unchanged (this mode is off inside the handler)
+        if func is _SDPA and self.slots:
+            slot = self.slots[-1]
+            try:
+                slot.observe(args, kwargs, output)
+            except Exception as exc:  # noqa: BLE001 - the model's call never fails because of the recording
+                slot.fail(f"could not be recorded: {type(exc).__name__}: {exc}")
+        return output
+
+    def hooks(self, slot: _Slot):
+        def before(module, args):
+            slot.entered += 1
+            slot.seen = 0
+            slot.mismatch = None
+            self.slots.append(slot)
+            if len(self.slots) == 1:
+                self.__enter__()
+
+        def after(module, args, output):
+            if self.slots and self.slots[-1] is slot:
+                self.slots.pop()
+                if not self.slots:
+                    self.__exit__(None, None, None)
+            if slot.seen == 0 and slot.error is None:
+                if slot.mismatch:
+                    slot.error = f"layer {slot.plan.name} ({slot.role}): {slot.mismatch}"
+                else:
+                    slot.fail("made no torch scaled_dot_product_attention call that diffviz can observe "
+                              "(its attention is computed another way); use a processor that calls it, or leave "
+                              "the layer out with --layers")
+        return before, after
+
+
+#: diffusers attention backends that end in torch's scaled_dot_product_attention (the observed call)
+OBSERVABLE_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+
+
+class BackendError(RuntimeError):
+    """A recorded module's attention cannot be switched to an observable backend (one line naming it)."""
 
 
 # --------------------------------------------------------------------------- the recorder
@@ -363,8 +488,9 @@ class StepMaps:
     """One step's maps on the CPU, keyed by layer index, in the model's dtype (float32 for bfloat16).
 
     ``cross[L]``: ``[context_length, h, w]`` (the full distribution over every key), or
-    ``[heads, context_length, h, w]`` for a per-head plan;
-    ``self_[L]``: ``[h*w, h*w]`` (rows: pooled queries; columns: pooled keys, each row sums to 1).
+    ``[heads, context_length, h, w]`` for a per-head plan; joint layers store the prompt tokens' rows only;
+    ``self_[L]``: ``[h*w, h*w]`` (rows: pooled queries; columns: pooled keys);
+    ``skipped``: the layers that were not computed at this step (a caching hook skipped their block).
     """
 
     step: int
@@ -372,88 +498,134 @@ class StepMaps:
     self_: dict[int, np.ndarray] = field(default_factory=dict)
     text: dict[int, np.ndarray] = field(default_factory=dict)      # joint layers: [T, h, w] text->image
     concept: dict[int, np.ndarray] = field(default_factory=dict)   # joint layers: [T, h, w] concept maps
+    skipped: list[int] = field(default_factory=list)
 
 
 class PendingMaps:
     """One step's maps on their way to the CPU; :meth:`result` waits for the copy (if still running)."""
 
-    def __init__(self, recorder: "AttentionRecorder", step: int, host: torch.Tensor, event):
-        self.recorder, self.step, self.host, self.event = recorder, step, host, event
+    def __init__(self, recorder: "AttentionRecorder", step: int, host: torch.Tensor, event, skipped: list[int]):
+        self.recorder, self.step, self.host, self.event, self.skipped = recorder, step, host, event, skipped
 
     def result(self) -> StepMaps:
         if self.event is not None:
             self.event.synchronize()
-        return self.recorder._unpack(self.step, self.host)
+        return self.recorder._unpack(self.step, self.host, self.skipped)
 
 
 class AttentionRecorder:
-    """Installs recording processors on a UNet and hands back one :class:`StepMaps` per step."""
+    """Observes the planned layers' attention modules of ``denoiser`` and hands back one :class:`StepMaps` per step.
 
-    def __init__(self, unet, plans: list[LayerPlan], *, context_length: int, fail_on_shape_error: bool = False,
+    ``context_length``: the text keys of a cross module (and of the text part of a joint sequence);
+    ``positions``: the text-sequence positions of the tokens whose joint maps are stored (default: every slot);
+    ``image_first``: the joint sequence order (SD3 ``[image; text]``, Flux ``[text; image]``); ``content``: which
+    stored tokens are content words (the concept maps' softmax runs over those).
+    """
+
+    def __init__(self, denoiser, plans: list[LayerPlan], *, context_length: int, positions: Sequence[int] | None = None,
+                 image_first: bool = True, content: Sequence[bool] | None = None, fail_on_shape_error: bool = False,
                  on_step: Callable[[StepMaps], None] | None = None):
-        self.unet = unet
+        self.denoiser = denoiser
         self.layers = list(plans)
         self.context_length = int(context_length)
-        #: the text-sequence position of each recorded cross row (a UNet block sees every context slot)
-        self.key_positions = list(range(self.context_length))
+        #: the text-sequence position of each stored joint row (cross modules store every context slot)
+        self.key_positions = list(range(self.context_length)) if positions is None else [int(p) for p in positions]
         self.fail_on_shape_error = fail_on_shape_error
         self.on_step = on_step
         self.steps: list[StepMaps] = []         # kept only when there is no on_step handler
         self.warnings: list[str] = []
+        #: per step, per layer index (as first planned): whether the layer was computed
+        self.computed: list[list[bool]] = []
+        #: ``metadata.attention.backend``: {"used", "requested"} when a recorded module dispatches attention
+        self.backend: dict | None = None
         self._step = 0
         self._waiting: PendingMaps | None = None
-        self._original = None
-        param = next(unet.parameters())
+        self._handles: list = []
+        self._restore: list[tuple[object, object]] = []
+        self._observer = _Observer()
+        self._alive = {id(plan) for plan in self.layers}   # the planned layers not dropped at step 0
+        param = next(denoiser.parameters())
         self.device, self.dtype = param.device, param.dtype
-        heads = {name: int(m.heads) for name, m in unet.named_modules() if name.endswith((f".{SELF}", f".{CROSS}"))}
-        specs, offset = [], 0
+        modules = dict(denoiser.named_modules())
+        layout = [0]
+        self._slots: list[_Slot] = []
         for plan in self.layers:
-            for kind, grid in ((CROSS, plan.cross_grid), (SELF, plan.self_grid)):
-                if grid is not None:
-                    cells = grid[0] * grid[1]
-                    shape = (cells, self.context_length if kind == CROSS else cells)
-                    if kind == CROSS and plan.per_head:
-                        shape = (heads[f"{plan.name}.{kind}"], *shape)
-                    specs.append((plan, kind, grid, shape, offset))
-                    offset += math.prod(shape)
-        self.buffer = torch.zeros(offset, device=self.device, dtype=self.dtype)
-        self._slots: dict[str, _Slot] = {}     # processor name -> slot
-        for plan, kind, grid, shape, start in specs:
-            n_heads = heads[f"{plan.name}.{kind}"]
-            q_pool, k_pool = pooling_operators(tuple(plan.native), tuple(grid), n_heads, kind,
-                                               self.device, self.dtype, len(shape) == 3)
-            out = self.buffer[start:start + math.prod(shape)].view(shape)
-            queries = plan.native[0] * plan.native[1]
-            keys = self.context_length if kind == CROSS else queries
-            dense = None
-            if k_pool is not None and self.device.type == "cpu" and n_heads * queries * keys <= DENSE_MAX:
-                cell_mean = pooling_operators(tuple(plan.native), tuple(grid), n_heads, CROSS, self.device,
-                                              self.dtype, True)[0]
-                dense = (cell_mean, k_pool[0, 0])
-            self._slots[f"{plan.name}.{kind}.processor"] = _Slot(plan, kind, queries, keys, k_pool, q_pool, out,
-                                                                 start, dense)
+            for module, role in plan.sites:
+                path = f"{plan.name}.{module}"
+                if path not in modules:
+                    raise LayerSelectionError(f"layer {plan.name} has no attention module {module}")
+                if role == JOINT:
+                    from capture.joint import JointSlot
+
+                    slot = JointSlot(plan, module, image_first=image_first, n_text=self.context_length,
+                                     positions=self.key_positions, content=content, layout=layout,
+                                     device=self.device, dtype=self.dtype)
+                else:
+                    slot = _MapSlot(plan, module, role, heads=int(modules[path].heads),
+                                    context_length=self.context_length, layout=layout, device=self.device,
+                                    dtype=self.dtype)
+                self._slots.append(slot)
+        self.buffer = torch.zeros(layout[0], device=self.device, dtype=self.dtype)
+        for slot in self._slots:
+            slot.bind(self.buffer)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "AttentionRecorder":
-        self._original = dict(self.unet.attn_processors)
-        procs = {name: RecordingAttnProcessor(self._slots[name]) if name in self._slots else proc
-                 for name, proc in self._original.items()}
-        self.unet.set_attn_processor(procs)  # (it empties the dict it is given)
+        """Hook the recorded modules (their processors stay as they are)."""
+        modules = dict(self.denoiser.named_modules())
+        try:
+            for slot in self._slots:
+                module = modules[slot.path]
+                processor = getattr(module, "processor", None)
+                slot.processor = type(processor).__name__ if processor is not None else type(module).__name__
+                self._observable_backend(slot, processor)
+                before, after = self._observer.hooks(slot)
+                self._handles.append(module.register_forward_pre_hook(before))
+                self._handles.append(module.register_forward_hook(after, always_call=True))
+        except BaseException:
+            self.remove()
+            raise
         return self
 
+    def _observable_backend(self, slot: _Slot, processor) -> None:
+        """A processor that dispatches attention (``dispatch_attention_fn``) gets an observable backend for the run:
+        its own, or ``native`` in place of one that never forms the probabilities."""
+        if processor is None or not hasattr(processor, "_attention_backend"):
+            return
+        if getattr(processor, "_parallel_config", None) is not None:
+            raise BackendError(f"layer {slot.plan.name}: {slot.module} runs context-parallel attention, which diffviz "
+                               f"does not observe; record without a parallel config")
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        requested = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        requested = AttentionBackendName(requested).value
+        used = requested if requested in OBSERVABLE_BACKENDS else "native"
+        if self.backend is None:
+            self.backend = {"used": used, "requested": requested}
+        elif self.backend["requested"] != requested:
+            self.backend["requested"] = "mixed"
+        if all(p is not processor for p, _ in self._restore):
+            self._restore.append((processor, processor._attention_backend))
+            processor._attention_backend = AttentionBackendName(used)
+
     def remove(self) -> None:
-        if self._original is not None:
-            self.unet.set_attn_processor(dict(self._original))
-            self._original = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for processor, backend in self._restore:
+            processor._attention_backend = backend
+        self._restore.clear()
+        while self._observer.slots:  # an exception escaped a recorded module before its forward hook
+            self._observer.slots.pop()
 
     # ------------------------------------------------------------------ per step
-    def start_copy(self) -> "PendingMaps":
+    def start_copy(self) -> PendingMaps:
         """Start moving this step's maps to the CPU: one copy of the flat buffer, asynchronous on a GPU
         (into pinned memory, with an event), so the host does not wait for the device mid-run.
-        Call once per UNet forward (once per step); :meth:`PendingMaps.result` gives the maps."""
-        self._check_slots()
-        for slot in self._slots.values():
-            slot.calls = 0
+        Call once per denoiser step; :meth:`PendingMaps.result` gives the maps."""
+        skipped = self._check_slots()
+        for slot in self._slots:
+            slot.entered = 0
         step, self._step = self._step, self._step + 1
         source = self.buffer if self.dtype in (torch.float16, torch.float32) else self.buffer.float()  # numpy: no bf16
         if source.is_cuda:
@@ -463,22 +635,14 @@ class AttentionRecorder:
             event.record()
         else:
             host, event = source.to(device="cpu", copy=True), None  # never a view of the live buffer
-        return PendingMaps(self, step, host, event)
+        return PendingMaps(self, step, host, event, skipped)
 
-    def _unpack(self, step: int, host: torch.Tensor) -> StepMaps:
+    def _unpack(self, step: int, host: torch.Tensor, skipped: list[int]) -> StepMaps:
         flat = host.numpy()
-        maps = StepMaps(step)
-        for slot in self._slots.values():
-            if slot.error is not None:
-                continue
-            block = flat[slot.offset:slot.offset + slot.out.numel()]
-            if slot.kind == CROSS:  # [(heads,) cells, K] -> [(heads,) K, h, w]
-                grid = slot.plan.cross_grid
-                stacked = block.reshape(-1, grid[0] * grid[1], self.context_length).transpose(0, 2, 1)
-                full = stacked.reshape(-1, self.context_length, *grid)
-                maps.cross[slot.plan.index] = full if slot.per_head else full[0]
-            else:
-                maps.self_[slot.plan.index] = block.reshape(slot.out.shape)
+        maps = StepMaps(step, skipped=list(skipped))
+        for slot in self._slots:
+            if slot.error is None and id(slot.plan) in self._alive and slot.plan.index not in skipped:
+                slot.unpack(flat, maps, self.key_positions)
         return maps
 
     def _deliver(self, maps: StepMaps) -> None:
@@ -507,33 +671,66 @@ class AttentionRecorder:
         if waiting is not None:
             self._deliver(waiting.result())
 
-    def _check_slots(self) -> None:
-        """Raise (or, in step 0, warn and drop the layer) when a slot saw the wrong shape or was not called."""
-        bad = []
-        for slot in self._slots.values():
-            if slot.error is None and slot.calls == 0:
-                slot.error = f"layer {slot.plan.name} ({slot.kind}) was not called in step {self._step}"
-            if slot.error is not None and slot.plan in self.layers:
-                bad.append(slot)
+    def _check_slots(self) -> list[int]:
+        """The layers not computed at this step. Raises for a processor that cannot be observed, and for a shape
+        that does not fit the plan (or, in step 0, warns and drops that layer)."""
+        step = self._step
+        by_layer: dict[int, list[_Slot]] = {}
+        for slot in self._slots:
+            if id(slot.plan) in self._alive:
+                by_layer.setdefault(id(slot.plan), []).append(slot)
+        fatal = [slot.error for slots in by_layer.values() for slot in slots if slot.fatal]
+        if fatal:
+            raise ShapeMismatchError(fatal[0])
+        skipped, bad = [], []
+        for slots in by_layer.values():
+            ran = [slot.entered > 0 for slot in slots]
+            errors = [slot.error for slot in slots if slot.error is not None]
+            if not any(ran) and not errors:
+                if step == 0:
+                    errors = [f"layer {slots[0].plan.name} was not called in step 0"]
+                else:
+                    skipped.append(slots[0].plan.index)
+                    continue
+            elif not all(ran):
+                raise ShapeMismatchError(f"layer {slots[0].plan.name}: some of its attention modules ran at step {step} "
+                                         f"and others did not; diffviz records whole blocks")
+            if errors:
+                bad.append((slots, errors))
+        self.computed.append([plan.index not in skipped for plan in self.layers])
         if not bad:
-            return
-        message = "; ".join(slot.error for slot in bad)
-        if self.fail_on_shape_error or self._step > 0:
+            return skipped
+        message = "; ".join(e for _, errors in bad for e in errors)
+        if self.fail_on_shape_error or step > 0:
             raise ShapeMismatchError(f"attention shape mismatch: {message}")
         # Step 0: nothing is written yet, so drop those layers and renumber the rest.
         warnings.warn(f"skipping layers whose attention does not fit the plan: {message}", ShapeWarning, stacklevel=3)
         self.warnings.append(message)
-        dropped = {id(slot.plan) for slot in bad}
+        dropped = {id(slots[0].plan) for slots, _ in bad}
         self.layers = [plan for plan in self.layers if id(plan) not in dropped]
+        self._alive = {id(plan) for plan in self.layers}
         for position, plan in enumerate(self.layers):
             plan.index = position
-        for slot in self._slots.values():
-            if id(slot.plan) in dropped:
-                slot.error = slot.error or "dropped"
+        self.computed[-1] = [True] * len(self.layers)
+        return skipped
+
+    def computed_masks(self) -> dict[int, list[bool]]:
+        """``{layer index: [computed at step s]}`` for the layers some step skipped (``metadata.layers[].computed``)."""
+        return {plan.index: [row[plan.index] for row in self.computed] for plan in self.layers
+                if not all(row[plan.index] for row in self.computed)}
 
     def layer_metadata_for(self, tokens: int) -> list[dict]:
         """``metadata.layers`` for maps stored with ``tokens`` prompt tokens."""
-        return [plan.to_metadata(tokens) for plan in self.layers]
+        masks = self.computed_masks()
+        layers = [plan.to_metadata(tokens) for plan in self.layers]
+        for meta in layers:
+            if meta["index"] in masks:
+                meta["computed"] = masks[meta["index"]]
+        return layers
+
+    def processors(self) -> list[str]:
+        """The processor classes of the recorded modules (``metadata.attention.processors``)."""
+        return sorted({slot.processor for slot in self._slots if id(slot.plan) in self._alive})
 
 
 @contextmanager
@@ -542,8 +739,8 @@ def record_attention(pipe, *, layers: Sequence[str] = (), max_layers: int | None
                      height: int | None = None, width: int | None = None, fail_on_shape_error: bool = False,
                      per_head: bool = False, on_step: Callable[[StepMaps], None] | None = None,
                      prompt: str | None = None, concept: bool = False) -> Iterator[AttentionRecorder]:
-    """Record the chosen layers of the pipeline's denoiser (UNet or MM-DiT transformer) while the block runs;
-    the original processors come back after.
+    """Record the chosen layers of the pipeline's denoiser (UNet or transformer) while the block runs;
+    the hooks come off after.
 
     ``height``/``width`` are the image size in pixels (default: the model's native size). Grids that do
     not pool evenly warn (:class:`ShapeWarning`) or, with ``fail_on_shape_error``, raise before anything runs.
@@ -576,8 +773,7 @@ def build_recorder(pipe, *, layers: Sequence[str] = (), max_layers: int | None =
     family = families.for_pipeline(pipe)
     peek = family.peek_pipe(pipe)
     native_h, native_w = family.native_size(peek)
-    vsf = peek.vae_scale_factor
-    latent_hw = ((height or native_h) // vsf, (width or native_w) // vsf)
+    latent_hw = family.latent_grid(peek, height or native_h, width or native_w)
     flags = SimpleNamespace(layers=tuple(layers), max_layers=max_layers, include_cross_attention=cross,
                             include_self_attention=self_, attention_resolution=resolution,
                             self_attention_resolution=self_resolution, per_head=per_head, concept_maps=concept)
@@ -585,7 +781,7 @@ def build_recorder(pipe, *, layers: Sequence[str] = (), max_layers: int | None =
     settle(problems, fail_on_shape_error)
     if prompt is not None:
         tokens = family.tokens(peek.tokenizers, prompt)
-    else:  # every slot of the text sequence, as a UNet block sees them
+    else:  # every slot of the text sequence, as a cross-attention block sees them
         slots = [{"index": i, "special": True, "text": "", "word": None} for i in range(peek.context_length)]
         tokens = TokenInfo(slots, [], "")
     return family.recorder(pipe, plans, tokens, context_length=peek.context_length,
@@ -598,4 +794,3 @@ def settle(problems: Sequence[str], fail_on_shape_error: bool) -> None:
         raise ShapeMismatchError("; ".join(problems))
     for problem in problems:
         warnings.warn(problem, ShapeWarning, stacklevel=3)
-

@@ -115,7 +115,7 @@ def test_maps_equal_the_full_attention_matrix(models, name, dense, monkeypatch):
     if not dense:
         monkeypatch.setattr(joint, "DENSE_MAX", 0)
     recorder, tokens, peek = _recorder(pipe, concept=False)
-    assert all(slot.dense == dense for slot in recorder._slots.values())
+    assert all(slot.dense == dense for slot in recorder._slots)
     with torch.no_grad():
         monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
         pipe.transformer(**inputs, return_dict=False)

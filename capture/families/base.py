@@ -178,11 +178,21 @@ class Family:
 
     def recorder(self, pipe, plans, tokens: TokenInfo, *, context_length: int, fail_on_shape_error: bool = False,
                  on_step=None):
-        """The recorder for ``plans``; a UNet block sees every context slot, so ``tokens`` are not needed."""
+        """The recorder for ``plans``; a cross-attention block sees every context slot, so ``tokens`` are not needed."""
         from capture.recorder import AttentionRecorder
 
         return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
                                  fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+
+    def generated_size(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
+        """The size the pipeline generates at when asked for ``height`` x ``width`` (a family whose pipeline bins
+        sizes maps them to its bin here)."""
+        return height, width
+
+    def latent_grid(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
+        """The latent grid ``(h, w)`` of a ``height`` x ``width`` request."""
+        h, w = self.generated_size(peek, height, width)
+        return h // peek.vae_scale_factor, w // peek.vae_scale_factor
 
     def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor | None:
         """x̂0 of the step just taken (DDIM/DDPM give it as ``pred_original_sample``)."""

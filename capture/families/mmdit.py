@@ -107,12 +107,12 @@ class MMDiTFamily(Family):
 
     def recorder(self, pipe, plans, tokens: TokenInfo, *, context_length: int, fail_on_shape_error: bool = False,
                  on_step=None):
-        from capture.joint import JointRecorder
+        from capture.recorder import AttentionRecorder
 
         content = [is_content(tokens.tokens, [i]) for i in range(len(tokens.tokens))]
-        return JointRecorder(self.denoiser(pipe), plans, context_length=context_length,
-                             positions=[t["index"] for t in tokens.tokens], image_first=self.image_first,
-                             content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+        return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
+                                 positions=[t["index"] for t in tokens.tokens], image_first=self.image_first,
+                                 content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step)
 
     # ------------------------------------------------------------------ latents
     def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor:
