@@ -127,7 +127,18 @@ def consecutive_kl(dists: Any, eps: float = KL_EPS) -> np.ndarray:
 
 
 def _floats(a: Any) -> list:
-    return np.asarray(a, dtype=np.float64).tolist()
+    """Nested lists of floats; NaN (a layer not computed at a step) becomes None (JSON null)."""
+    x = np.asarray(a, dtype=np.float64)
+    return np.where(np.isnan(x), None, x).tolist() if np.isnan(x).any() else x.tolist()
+
+
+def _layer_mean(x: np.ndarray, n: int) -> np.ndarray:
+    """The mean over layers (axis 0) of the layers computed at each step (NaN where none was)."""
+    if not x.shape[0]:
+        return np.zeros((n,) + x.shape[2:])
+    with np.errstate(invalid="ignore"):
+        counts = (~np.isnan(x)).sum(axis=0)
+        return np.where(counts > 0, np.nansum(x, axis=0) / np.maximum(counts, 1), np.nan)
 
 
 def metrics_record(
@@ -143,6 +154,8 @@ def metrics_record(
     :func:`attention_entropy` on each layer's full pooled cross map (``None`` when cross attention
     is off). ``token_dists``: ``[L, N, K]`` from :func:`token_distribution` on the same full maps;
     ``num_tokens`` (T) slices the prompt's tokens out of the K keys for ``token_dominance``.
+    A layer that was not computed at a step (a caching hook skipped it) has NaN there: its entries are null, the
+    means are over the layers computed at that step, and a step with none has null means and token rows.
     """
     x = np.asarray(latents)
     n = x.shape[0] - 1
@@ -160,20 +173,26 @@ def metrics_record(
         record["entropy"] = {
             "normalisation": ENTROPY_NORMALISATION,
             "per_layer": _floats(e),
-            "mean": _floats(e.mean(axis=0) if e.shape[0] else np.zeros(n)),
+            "mean": _floats(_layer_mean(e, n)),
         }
     if token_dists is not None:
         d = np.asarray(token_dists, dtype=np.float64)
         if d.ndim != 3 or d.shape[1] != n:
             raise ValueError(f"token_dists must be [L, N={n}, K], got {list(d.shape)}")
         t = d.shape[2] if num_tokens is None else int(num_tokens)
-        share, ranking = token_dominance(d.mean(axis=0)[:, :t])
+        mean = _layer_mean(d, n)[:, :t]
+        none = np.isnan(mean).any(axis=1)
+        share, ranking = token_dominance(np.nan_to_num(mean))
         kl = np.array([consecutive_kl(layer) for layer in d]).reshape(d.shape[0], max(n - 1, 0))
-        record["token_dominance"] = {"rule": DOMINANCE_RULE, "share": _floats(share), "ranking": ranking.tolist()}
+        missing = np.isnan(d).any(axis=2)                      # [L, N]: the layer was not computed
+        kl[missing[:, 1:] | missing[:, :-1]] = np.nan
+        record["token_dominance"] = {"rule": DOMINANCE_RULE,
+                                     "share": [None if skip else row for skip, row in zip(none, _floats(share))],
+                                     "ranking": [None if skip else row for skip, row in zip(none, ranking.tolist())]}
         record["kl_consecutive"] = {
             "direction": KL_DIRECTION,
             "smoothing": KL_SMOOTHING,
             "per_layer": _floats(kl),
-            "mean": _floats(kl.mean(axis=0) if kl.shape[0] else np.zeros(max(n - 1, 0))),
+            "mean": _floats(_layer_mean(kl, max(n - 1, 0))),
         }
     return record

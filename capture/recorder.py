@@ -728,6 +728,11 @@ class AttentionRecorder:
                 meta["computed"] = masks[meta["index"]]
         return layers
 
+    def cross_rows(self) -> int:
+        """Rows of a stored cross map: the stored tokens of a joint layer, every context slot of a cross module."""
+        joint = any(role == JOINT for plan in self.layers for _, role in plan.sites)
+        return len(self.key_positions) if joint else self.context_length
+
     def processors(self) -> list[str]:
         """The processor classes of the recorded modules (``metadata.attention.processors``)."""
         return sorted({slot.processor for slot in self._slots if id(slot.plan) in self._alive})

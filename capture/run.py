@@ -134,11 +134,13 @@ class _StepWriter:
         self.latents.append(arrays["latents"])
         self.noise.append(arrays["noise"])
         self.timesteps.append(waiting.timestep)
-        layers = sorted(maps.cross)
-        mean = {i: maps.cross[i].mean(axis=0, dtype=np.float32) if maps.cross[i].ndim == 4 else maps.cross[i]
-                for i in layers}  # the metrics describe the head mean
-        self.entropy.append([metrics_mod.attention_entropy(mean[i]) for i in layers])
-        self.token_dists.append([metrics_mod.token_distribution(mean[i]) for i in layers])
+        mean = {i: full.mean(axis=0, dtype=np.float32) if full.ndim == 4 else full
+                for i, full in maps.cross.items()}  # the metrics describe the head mean
+        # every recorded layer in order; one not computed at this step (a caching hook skipped it) is NaN
+        layers = [plan.index for plan in self.recorder.layers if plan.cross_grid is not None]
+        missing = np.full(self.recorder.cross_rows(), np.nan)
+        self.entropy.append([metrics_mod.attention_entropy(mean[i]) if i in mean else np.nan for i in layers])
+        self.token_dists.append([metrics_mod.token_distribution(mean[i]) if i in mean else missing for i in layers])
         self.writer.write_step(
             waiting.step, image=arrays["image"],
             cross={layer: full[..., : self.num_tokens, :, :] for layer, full in maps.cross.items()},
@@ -175,6 +177,8 @@ class Prepared:
     plans: list[LayerPlan] | None = None
     tokens: TokenInfo | None = None
     latent_shape: list[int] | None = None
+    #: the size of the pipeline's own output when it differs from the generated one (resolution binning)
+    output_size: tuple[int, int] | None = None
 
 
 def generate(config: GenerateConfig, *, progress: Callable[[Progress], None] | None = None,
@@ -234,12 +238,14 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise ConfigError(name, f"must be a multiple of {multiple} for {family.pipeline_class}, got {value}")
-    vsf = peek.vae_scale_factor
-    plans, problems = family.plan(peek, (height // vsf, width // vsf), config)
+    requested = (height, width)
+    height, width = family.generated_size(peek, height, width)   # resolution binning may change it
+    latent_hw = family.latent_grid(peek, height, width)
+    plans, problems = family.plan(peek, latent_hw, config)
     if config.fail_on_shape_error or warn:
         settle(problems, config.fail_on_shape_error)
     tokens = family.tokens(peek.tokenizers, config.prompt)
-    latent_shape = [family.latent_channels(peek), height // vsf, width // vsf]
+    latent_shape = [family.latent_channels(peek), *latent_hw]
     layers = [plan.to_metadata(len(tokens.tokens)) for plan in plans]
     _check_map_caps(layers)
     projected = contract.projected_bytes(
@@ -252,7 +258,7 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
             raise SizeLimitError(message)
         if warn:
             warnings.warn(message, SizeWarning, stacklevel=3)
-    return Prepared(family, peek, height, width, plans, tokens, latent_shape)
+    return Prepared(family, peek, height, width, plans, tokens, latent_shape, requested)
 
 
 def _check_map_caps(layers: list[dict]) -> None:
@@ -282,9 +288,10 @@ def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) ->
         emit(Progress("denoising", 0, config.num_steps))
         recorder.install()
         try:
-            out = pipe(config.prompt, num_inference_steps=config.num_steps, height=height, width=width,
+            asked_h, asked_w = prepared.output_size or (height, width)   # the pipeline bins it again itself
+            out = pipe(config.prompt, num_inference_steps=config.num_steps, height=asked_h, width=asked_w,
                        generator=torch.Generator("cpu").manual_seed(config.seed), output_type="np",
-                       callback_on_step_end=step_writer, **kwargs)
+                       **family.callback_kwargs(step_writer), **kwargs)
             step_writer.flush()
         finally:
             recorder.remove()
@@ -328,21 +335,24 @@ def _metadata(config: GenerateConfig, pipe, prepared: Prepared, recorder: Attent
     tokens = info.tokens
     cross_on = config.include_cross_attention and bool(recorder.layers)
     self_on = config.include_self_attention and bool(recorder.layers)
-    joint = any(plan.kind != "unet" for plan in recorder.layers)
-    extra = {}
-    if joint:
-        extra = {"text": {"enabled": any(plan.text for plan in recorder.layers), "sum_rule": contract.TEXT_SUM_RULE},
-                 "concept": {"enabled": any(plan.concept for plan in recorder.layers),
-                             "sum_rule": contract.CONCEPT_SUM_RULE}}
+    # the sum rules come from the kinds registry; a run's layers are of one family, so the first kind's rules hold
+    kinds = {plan.kind: contract.LAYER_KINDS[plan.kind] for plan in recorder.layers}
+    rules = next(iter(kinds.values()), contract.LAYER_KINDS["unet"]).rules
+    extra = {kind: {"enabled": any(plan.grid_shape(1, getattr(plan, kind)) for plan in recorder.layers),
+                    "sum_rule": rules[kind]} for kind in (contract.KIND_TEXT, contract.KIND_CONCEPT) if kind in rules}
+    family = prepared.family
+    run = {
+        "prompt": config.prompt, "negative_prompt": config.negative_prompt, "cfg_scale": config.cfg_scale,
+        "num_steps": config.num_steps, "seed": config.seed, "height": prepared.height, "width": prepared.width,
+        "dtype": str(family.denoiser(pipe).dtype).replace("torch.", ""), "device": device,
+        "scheduler": type(pipe.scheduler).__name__, "model": pipeline_mod.model_info(config.model),
+        "layer_patterns": list(config.layers), "max_layers": config.max_layers,
+    }
+    if prepared.output_size and tuple(prepared.output_size) != (prepared.height, prepared.width):
+        run["output_size"] = list(prepared.output_size)
     return {
-        "run": {
-            "prompt": config.prompt, "negative_prompt": config.negative_prompt, "cfg_scale": config.cfg_scale,
-            "num_steps": config.num_steps, "seed": config.seed, "height": prepared.height, "width": prepared.width,
-            "dtype": str(prepared.family.denoiser(pipe).dtype).replace("torch.", ""), "device": device,
-            "scheduler": type(pipe.scheduler).__name__, "model": pipeline_mod.model_info(config.model),
-            "layer_patterns": list(config.layers), "max_layers": config.max_layers,
-        },
-        "family": {**prepared.family.describe(prepared.peek), "tokens_from": info.tokens_from},
+        "run": run,
+        "family": {**family.describe(prepared.peek), "tokens_from": info.tokens_from},
         "token_sets": info.token_sets,
         "tokens": tokens,
         "words": info.words,
@@ -352,14 +362,18 @@ def _metadata(config: GenerateConfig, pipe, prepared: Prepared, recorder: Attent
         "noise_source": NOISE_SOURCE,
         "preview": PREVIEW,
         "attention": {
-            "cfg_half": prepared.family.cfg_half(pipe),
+            "cfg_half": family.cfg_half(pipe),
             "heads": "per_head" if config.per_head else "mean",
             "cross": {"enabled": cross_on, "resolution": config.attention_resolution, "tokens": "prompt",
-                      "full_distribution": not joint and len(tokens) == context,
-                      "sum_rule": contract.JOINT_CROSS_SUM_RULE if joint else contract.CROSS_SUM_RULE},
+                      "full_distribution": rules[contract.KIND_CROSS] == contract.CROSS_SUM_RULE
+                      and len(tokens) == context,
+                      "sum_rule": rules[contract.KIND_CROSS]},
             "self": {"enabled": self_on, "resolution": config.self_attention_resolution,
-                     "sum_rule": contract.JOINT_SELF_SUM_RULE if joint else contract.SELF_SUM_RULE},
+                     "sum_rule": rules[contract.KIND_SELF]},
             **extra,
+            "kinds": {name: kind.to_metadata() for name, kind in kinds.items()},
+            "backend": recorder.backend,
+            "processors": recorder.processors(),
         },
         "layers": recorder.layer_metadata_for(len(tokens)),
     }

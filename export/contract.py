@@ -56,8 +56,41 @@ CONCEPT_SUM_RULE = ("each image cell is a softmax over the content-word tokens' 
 
 #: ``attention.heads``: cross maps averaged over heads, or kept per head (schema 2 only).
 HEADS_MEAN, HEADS_PER_HEAD = "mean", "per_head"
-#: ``layers[].kind`` (schema 2): a UNet transformer block, an MM-DiT joint block, a single-stream block.
-LAYER_KINDS = ("unet", "joint", "single")
+
+
+class LayerKind:
+    """One ``layers[].kind``: what such a layer is, and the sum rule of each map kind it may store."""
+
+    def __init__(self, what: str, rules: Mapping[str, str]):
+        self.what = what
+        self.rules = dict(rules)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """``metadata.attention.kinds[kind]``: the rules as a run states them."""
+        return {"what": self.what, "sum_rules": dict(self.rules)}
+
+
+_CROSS_ATTENTION = {KIND_CROSS: CROSS_SUM_RULE, KIND_SELF: SELF_SUM_RULE}
+_JOINT_ATTENTION = {KIND_CROSS: JOINT_CROSS_SUM_RULE, KIND_SELF: JOINT_SELF_SUM_RULE, KIND_TEXT: TEXT_SUM_RULE,
+                    KIND_CONCEPT: CONCEPT_SUM_RULE}
+#: The one registry of layer kinds (schema 2 ``layers[].kind``) and their sum rules: the generator states them in
+#: ``metadata.attention.kinds``, the validator checks each map by its layer's kind, the app reads kinds from the run.
+#: A new kind is one entry here (and its rules' checks in ``export.validate.RULE_CHECKS``).
+LAYER_KINDS: dict[str, LayerKind] = {
+    "unet": LayerKind("a UNet transformer block: attn1 self-attention over the image, attn2 cross-attention to "
+                      "the text", _CROSS_ATTENTION),
+    "cross-dit": LayerKind("a diffusion-transformer block (PixArt): attn1 self-attention over the image tokens, "
+                           "attn2 cross-attention to the text", _CROSS_ATTENTION),
+    "joint": LayerKind("an MM-DiT double-stream block: one softmax over the joint [image; text] sequence",
+                       _JOINT_ATTENTION),
+    "single": LayerKind("an MM-DiT single-stream block: one softmax over the joint [text; image] stream",
+                        _JOINT_ATTENTION),
+}
+
+
+def layer_kind(meta_layer: Mapping[str, Any]) -> str:
+    """A ``metadata.layers[]`` entry's kind (schema 1 layers have none: they are UNet blocks)."""
+    return str(meta_layer.get("kind") or "unet")
 #: The family every schema-1 run implicitly has (schema 1 predates ``metadata.family``).
 V1_FAMILY = {
     "name": "sd", "pipeline": "StableDiffusionPipeline",

@@ -224,6 +224,7 @@ class _Checker:
             return
         self.meta = meta
         self.check_layout_consistency()
+        self.layout = self.expected_layout()   # every file's kind, shape and layer, from the metadata alone
         listed = self.check_files()
         self.check_completeness(listed)
         self.check_json_files(listed)
@@ -260,6 +261,7 @@ class _Checker:
             if layer["name"] in names:
                 self.problem(f"{where}.name {layer['name']!r} appears twice")
             names.add(layer["name"])
+            self.check_kind_and_mask(where, layer)
             native = layer.get("native")
             cs, ss = layer["cross_shape"], layer["self_shape"]
             cross_on |= cs is not None
@@ -328,10 +330,32 @@ class _Checker:
         return sg[0], sg[1]
 
     def check_pooled(self, where: str, kind: str, grid: tuple[int, int], resolution: int, native: list[int] | None) -> None:
-        """Warn about a grid above the requested resolution (long side) or above the native grid (either side)."""
+        """Warn about a grid above the requested resolution (long side) or above the native grid (either side), and
+        about a native grid that the stored grid does not divide (uneven pooling windows, CONTRACT.md "Pooling")."""
+        shown = str(grid[0]) if grid[0] == grid[1] else f"{grid[0]}x{grid[1]}"
         if max(grid) > resolution or (native and (grid[0] > native[0] or grid[1] > native[1])):
-            shown = str(grid[0]) if grid[0] == grid[1] else f"{grid[0]}x{grid[1]}"
             self.warning(f"{where}: {kind} maps stored at {shown}, above the requested resolution or native grid (pooled up)")
+        elif native and (native[0] % grid[0] or native[1] % grid[1]):
+            self.warning(f"{where}: {kind} maps pool the native {native[0]}x{native[1]} grid into {shown} cells of "
+                         f"uneven size (uneven pooling, CONTRACT.md 'Pooling')")
+
+    def check_kind_and_mask(self, where: str, layer: dict[str, Any]) -> None:
+        """The layer's kind is one the contract knows, with the rules the contract gives it (where the run states
+        them); its ``computed`` step mask, when present, has one flag per step."""
+        kind = contract.layer_kind(layer)
+        known = contract.LAYER_KINDS.get(kind)
+        if known is None:
+            self.problem(f"{where}.kind {kind!r} is not a layer kind this diffviz knows ({', '.join(contract.LAYER_KINDS)})")
+        stated = self.meta["attention"].get("kinds")
+        if known is not None and isinstance(stated, dict):
+            if kind not in stated:
+                self.problem(f"{where}.kind {kind!r} is not described in attention.kinds")
+            elif stated[kind].get("sum_rules") != known.rules:
+                self.problem(f"metadata.json: attention.kinds[{kind!r}].sum_rules differ from the contract's for that "
+                             f"kind (export/contract.py LAYER_KINDS)")
+        computed = layer.get("computed")
+        if computed is not None and len(computed) != len(self.meta["timesteps"]):
+            self.problem(f"{where}.computed has {len(computed)} flags for {len(self.meta['timesteps'])} steps")
 
     def check_family_and_token_sets(self) -> None:
         m = self.meta
@@ -344,8 +368,12 @@ class _Checker:
             where = f"metadata.json: token_sets[{i}]"
             if ts["encoder"] not in encoders:
                 self.problem(f"{where}.encoder {ts['encoder']!r} is not in family.text_encoders")
-            if ts["offset"] + ts["length"] > m["context_length"]:
-                self.problem(f"{where}: offset {ts['offset']} + length {ts['length']} exceeds context_length {m['context_length']}")
+            span = ts.get("sequence_length", ts["length"])
+            if ts["offset"] + span > m["context_length"]:
+                self.problem(f"{where}: offset {ts['offset']} + {'sequence_length' if 'sequence_length' in ts else 'length'} "
+                             f"{span} exceeds context_length {m['context_length']}")
+            if ts["length"] > span:
+                self.problem(f"{where}: length {ts['length']} (the prompt's tokens) exceeds sequence_length {span}")
         spans = {ts["encoder"]: range(ts["offset"], ts["offset"] + ts["length"]) for ts in m["token_sets"]}
         for i, tok in enumerate(m["tokens"]):
             if "set" in tok and tok["index"] not in spans.get(tok["set"], range(0)):
@@ -400,14 +428,15 @@ class _Checker:
             return
         data = bounded.read_file(self.root, rel, limit=cap, expect=entry["bytes"])
         self.check_digest(hashlib.sha256(data).hexdigest(), entry)
-        if kind == contract.KIND_CROSS:
-            self.check_cross(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
-        elif kind == contract.KIND_SELF:
-            self.check_self(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]), joint=self.is_joint(rel))
-        elif kind == contract.KIND_TEXT:
-            self.check_text(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
-        elif kind == contract.KIND_CONCEPT:
-            self.check_concept(np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"]))
+        if kind in contract.MAP_KINDS:
+            a = np.frombuffer(data, contract.BIN_DTYPE).reshape(entry["shape"])
+            layer = self.layout.get(rel, (None, None, None))[2]
+            rule = None if layer is None else contract.LAYER_KINDS.get(contract.layer_kind(layer), None)
+            rule = None if rule is None else rule.rules.get(kind)
+            if rule is None:  # outside the layout (its own line says so) or a kind that stores no such map
+                self._finite_nonneg(a)
+            else:
+                RULE_CHECKS[rule](self, a)
         elif kind == contract.KIND_IMAGE:
             self.check_image(rel, data, entry)
 
@@ -426,7 +455,7 @@ class _Checker:
             raise DatasetError(f"negative attention values (min {a64.min():.3g})")
         return a64
 
-    def check_cross(self, a: np.ndarray) -> None:
+    def check_cross(self, a: np.ndarray, *, full_allowed: bool = True) -> None:
         a64 = self._finite_nonneg(a)
         if a64.ndim not in (3, 4):
             raise DatasetError(f"cross map shape {list(a.shape)} is not [T, h, w] or [heads, T, h, w]")
@@ -434,34 +463,33 @@ class _Checker:
         # within the rule could hide a head outside it). A [T, h, w] map is checked as one "head".
         heads = a64.reshape((-1,) + a64.shape[-3:])
         tol = contract.SUM_TOLERANCE
-        full = self.meta["attention"]["cross"]["full_distribution"]
+        full = full_allowed and self.meta["attention"]["cross"]["full_distribution"]
+        rule = contract.CROSS_SUM_RULE if full_allowed else contract.JOINT_CROSS_SUM_RULE
         for k, head in enumerate(heads):
             sums = head.sum(axis=0)
             if not sums.size:
                 continue
             which = f"head {k}: " if a64.ndim == 4 else ""
             if sums.max() > 1 + tol:
-                raise DatasetError(f"{which}sum over tokens reaches {sums.max():.4f} > 1 + {tol:g} ({contract.CROSS_SUM_RULE})")
+                raise DatasetError(f"{which}sum over tokens reaches {sums.max():.4f} > 1 + {tol:g} ({rule})")
             if full and np.abs(sums - 1).max() > tol:
                 raise DatasetError(f"{which}full_distribution is true but sums over tokens range {sums.min():.4f}..{sums.max():.4f}, not 1 ± {tol:g}")
 
-    def is_joint(self, rel: str) -> bool:
-        """Whether the map file ``rel`` belongs to a joint or single-stream (MM-DiT) layer."""
-        try:
-            layer = int(rel.rsplit("/", 1)[-1].split("_")[1])
-            return self.meta["layers"][layer].get("kind", "unet") != "unet"
-        except (ValueError, IndexError):
-            return False
+    def check_joint_cross(self, a: np.ndarray) -> None:
+        self.check_cross(a, full_allowed=False)
 
-    def check_self(self, a: np.ndarray, *, joint: bool = False) -> None:
+    def check_self(self, a: np.ndarray) -> None:
         a64 = self._finite_nonneg(a)
         rows = a64.sum(axis=1)
         tol = contract.SUM_TOLERANCE
-        if joint:
-            if rows.size and rows.max() > 1 + tol:
-                raise DatasetError(f"rows reach {rows.max():.4f} > 1 + {tol:g} ({contract.JOINT_SELF_SUM_RULE})")
-        elif rows.size and np.abs(rows - 1).max() > tol:
+        if rows.size and np.abs(rows - 1).max() > tol:
             raise DatasetError(f"rows sum to {rows.min():.4f}..{rows.max():.4f}, not 1 ± {tol:g} ({contract.SELF_SUM_RULE})")
+
+    def check_joint_self(self, a: np.ndarray) -> None:
+        rows = self._finite_nonneg(a).sum(axis=1)
+        tol = contract.SUM_TOLERANCE
+        if rows.size and rows.max() > 1 + tol:
+            raise DatasetError(f"rows reach {rows.max():.4f} > 1 + {tol:g} ({contract.JOINT_SELF_SUM_RULE})")
 
     def check_text(self, a: np.ndarray) -> None:
         a64 = self._finite_nonneg(a)
@@ -501,27 +529,30 @@ class _Checker:
                 raise DatasetError(f"{name} has non-finite values (NaN/Inf)")
 
     # ------------------------------------------------------------------ completeness
-    def expected_layout(self) -> dict[str, tuple[str, list[int] | None]]:
-        expected: dict[str, tuple[str, list[int] | None]] = {}
+    def expected_layout(self) -> dict[str, tuple[str, list[int] | None, dict[str, Any] | None]]:
+        """Every file the metadata implies: ``{path: (manifest kind, shape or None, its layer or None)}``. A layer
+        step whose ``computed`` flag is false has no maps (a caching hook skipped the block)."""
+        expected: dict[str, tuple[str, list[int] | None, dict[str, Any] | None]] = {}
         if self.version >= 2:
             run = self.meta["run"]
-            expected[contract.FINAL_IMAGE] = (contract.KIND_IMAGE, [run["height"], run["width"], 3])
+            final = run.get("output_size") or [run["height"], run["width"]]
+            expected[contract.FINAL_IMAGE] = (contract.KIND_IMAGE, [final[0], final[1], 3], None)
         for s in range(self.n):
-            expected[contract.image_path(s)] = (contract.KIND_IMAGE, None)
+            expected[contract.image_path(s)] = (contract.KIND_IMAGE, None, None)
             for layer in self.meta["layers"]:
-                if layer["cross_shape"] is not None:
-                    expected[contract.cross_path(layer["index"], s)] = (contract.KIND_CROSS, layer["cross_shape"])
-                if layer["self_shape"] is not None:
-                    expected[contract.self_path(layer["index"], s)] = (contract.KIND_SELF, layer["self_shape"])
-                for kind in (contract.KIND_TEXT, contract.KIND_CONCEPT):
-                    if layer.get(contract.shape_key(kind)) is not None:
-                        expected[contract.map_path(kind, layer["index"], s)] = (kind, layer[contract.shape_key(kind)])
+                computed = layer.get("computed")
+                if computed is not None and s < len(computed) and not computed[s]:
+                    continue
+                for kind in contract.MAP_KINDS:
+                    shape = layer.get(contract.shape_key(kind))
+                    if shape is not None:
+                        expected[contract.map_path(kind, layer["index"], s)] = (kind, shape, layer)
         for name in contract.JSON_FILES:
-            expected[name] = (contract.KIND_JSON, None)
+            expected[name] = (contract.KIND_JSON, None, None)
         return expected
 
     def check_completeness(self, listed: dict[str, dict[str, Any]]) -> None:
-        expected = self.expected_layout()
+        expected = self.layout
         missing = [p for p in expected if p not in listed]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -531,12 +562,14 @@ class _Checker:
             if rel in self.bad_files:
                 continue  # one line per file: its own problem is already reported
             if rel not in expected:
-                if rel != contract.LATENTS_FILE:
+                if entry["kind"] in contract.MAP_KINDS and self._skipped_step(rel):
+                    self.problem(f"{rel}: a map for a step its layer did not compute (layers[].computed is false)")
+                elif rel != contract.LATENTS_FILE:
                     self.warning(f"{rel}: listed in the manifest but not part of the run layout")
                 elif entry["kind"] != contract.KIND_LATENTS:
                     self.problem(f"{rel}: kind {entry['kind']!r}, expected 'latents'")
                 continue
-            kind, shape = expected[rel]
+            kind, shape, _layer = expected[rel]
             if entry["kind"] != kind:
                 self.problem(f"{rel}: kind {entry['kind']!r}, expected {kind!r}")
             elif shape is not None and list(entry["shape"]) != list(shape):
@@ -546,6 +579,15 @@ class _Checker:
                 image_shapes.add(tuple(entry["shape"]))
         if len(image_shapes) > 1:
             self.problem(f"images: previews have different sizes {sorted(image_shapes)}")
+
+    def _skipped_step(self, rel: str) -> bool:
+        """Whether ``rel`` is the path of a map of a (layer, step) whose ``computed`` flag is false."""
+        for layer in self.meta["layers"]:
+            computed = layer.get("computed") or []
+            for s, done in enumerate(computed):
+                if not done and any(rel == contract.map_path(k, layer["index"], s) for k in contract.MAP_KINDS):
+                    return True
+        return False
 
     # ------------------------------------------------------------------ metrics / pca
     def check_json_files(self, listed: dict[str, dict[str, Any]]) -> None:
@@ -593,12 +635,14 @@ class _Checker:
                 yield f"kl_consecutive must be per_layer [{nl}][{max(n - 1, 0)}] and mean [{max(n - 1, 0)}]"
         if m["token_dominance"] is not None:
             d = m["token_dominance"]
-            if len(d["share"]) != n or any(len(r) != t for r in d["share"]):
+            # a step at which no recorded layer was computed (a caching hook) has null share and ranking rows
+            rows = [(a, b) for a, b in zip(d["share"], d["ranking"]) if a is not None or b is not None]
+            if len(d["share"]) != n or any(r is not None and len(r) != t for r in d["share"]):
                 yield f"token_dominance.share must be [{n}][{t}]"
-            elif len(d["ranking"]) != n or any(sorted(r) != list(range(t)) for r in d["ranking"]):
+            elif len(d["ranking"]) != n or any(a is None or b is None or sorted(b) != list(range(t)) for a, b in rows):
                 yield f"token_dominance.ranking must be {n} permutations of 0..{t - 1}"
-            elif n and t:
-                yield from self.check_shares(np.array(d["share"], dtype=np.float64))
+            elif rows and t:
+                yield from self.check_shares(np.array([a for a, _ in rows], dtype=np.float64))
         yield from self.check_metric_values(m)
 
     @staticmethod
@@ -667,6 +711,18 @@ class _Checker:
             return
         if not isinstance(v, dict) or v.get("valid") is not True:
             self.warning(f"{contract.VALIDATION_FILE}: records the run as not valid")
+
+
+#: sum rule (``contract.LayerKind.rules``' values) -> the check of one stored map under it
+RULE_CHECKS = {
+    contract.CROSS_SUM_RULE: _Checker.check_cross,
+    contract.JOINT_CROSS_SUM_RULE: _Checker.check_joint_cross,
+    contract.SELF_SUM_RULE: _Checker.check_self,
+    contract.JOINT_SELF_SUM_RULE: _Checker.check_joint_self,
+    contract.TEXT_SUM_RULE: _Checker.check_text,
+    contract.CONCEPT_SUM_RULE: _Checker.check_concept,
+}
+assert {rule for kind in contract.LAYER_KINDS.values() for rule in kind.rules.values()} <= set(RULE_CHECKS)
 
 
 def check_run(path: str | os.PathLike, *, expect_validation_file: bool = True) -> Report:

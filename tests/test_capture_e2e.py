@@ -207,13 +207,15 @@ def test_killed_mid_write_leaves_the_old_run_intact(tmp_path):
     assert validate_run(target, strict=True) == []
 
 
-def test_uneven_pooling_warns_and_still_validates(tmp_path, capsys):
+def test_uneven_pooling_warns_and_strict_validation_names_it(tmp_path, capsys):
+    """Uneven windows are defined by the contract ("Pooling"): the run is valid, and --strict names each grid."""
     out = tmp_path / "run"
     code = cli.main(["--prompt", "a red circle", "--num-steps", "2", "--attention-resolution", "3", "--height", "40",
                      "--self-attention-resolution", "16", "--max-layers", "3", "--quiet", "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert validate_run(out, strict=True) == []
+    assert validate_run(out) == []
+    strict = validate_run(out, strict=True)
     r = open_run(out)
     # one integer factor per grid, the smallest that brings the long side to <= 3: at 40 px the toy's
     # latent grids are 10 (factor 4 -> 2, even) and 5 (factor 2 -> 2, uneven)
@@ -224,4 +226,7 @@ def test_uneven_pooling_warns_and_still_validates(tmp_path, capsys):
         n, g = layer["native"][0], grid[layer["name"]]
         assert f"warning: layer {layer['name']}: native grid {n}x{n} does not divide into {g}x{g}" in err
     assert err.count("does not divide") == len(uneven)  # planned once, warned once
+    assert strict == [f"metadata.json: layers[{layer['index']}]: cross maps pool the native {layer['native'][0]}x"
+                      f"{layer['native'][1]} grid into {grid[layer['name']]} cells of uneven size (uneven pooling, "
+                      f"CONTRACT.md 'Pooling')" for layer in uneven]
     assert [layer["cross_shape"][1:] for layer in r.layers] == [[grid[layer["name"]]] * 2 for layer in r.layers]

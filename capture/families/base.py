@@ -184,6 +184,11 @@ class Family:
         return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
                                  fail_on_shape_error=fail_on_shape_error, on_step=on_step)
 
+    def callback_kwargs(self, callback) -> dict[str, Any]:
+        """The pipeline-call keywords that make it call ``callback(pipe, step, timestep, {"latents": ...})`` after
+        every step (``callback_on_step_end``; a pipeline with only the older ``callback`` adapts it)."""
+        return {"callback_on_step_end": callback}
+
     def generated_size(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
         """The size the pipeline generates at when asked for ``height`` x ``width`` (a family whose pipeline bins
         sizes maps them to its bin here)."""
