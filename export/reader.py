@@ -373,8 +373,22 @@ class Run:
         return list(self.metadata.get("token_sets") or [])
 
     def layer_kind(self, layer: int) -> str:
-        """``unet``, ``joint`` or ``single`` (schema 1 runs are UNet runs)."""
-        return str(self._layer(layer).get("kind") or "unet")
+        """One of ``contract.LAYER_KINDS`` (``unet``, ``cross-dit``, ``joint``, ``single``; schema 1 runs are UNet runs)."""
+        return contract.layer_kind(self._layer(layer))
+
+    def computed(self, layer: int, step: int) -> bool:
+        """Whether ``layer`` was computed at ``step``. False where a caching hook skipped its block: that step has
+        no maps for the layer (reading one raises ``DatasetError`` saying so)."""
+        self._check_index(layer, step)
+        flags = self._layer(layer).get("computed")
+        return True if flags is None else bool(flags[int(step)])
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """``(H, W)`` of ``images/final.png``: ``run.output_size`` where the pipeline resized its output (resolution
+        binning), else :attr:`image_size`."""
+        size = self.metadata["run"].get("output_size")
+        return (int(size[0]), int(size[1])) if size else self.image_size
 
     def layer_index(self, name: str) -> int:
         try:
@@ -420,6 +434,10 @@ class Run:
         def load() -> np.ndarray:
             entry = self.files.get(relpath)
             if entry is None:
+                skipped = self._skipped_map(relpath)
+                if skipped is not None:
+                    raise DatasetError(f"{relpath}: layer {skipped[0]} was not computed at step {skipped[1]} "
+                                       f"(a caching hook skipped its block; see Run.computed)")
                 raise DatasetError(f"{relpath}: not in this run's manifest ({kind} attention not recorded?)")
             shape = entry.get("shape")
             if entry.get("dtype") != contract.BIN_DTYPE or not isinstance(shape, list) or len(shape) > contract.MAX_RANK:
@@ -435,6 +453,14 @@ class Run:
             return arr
 
         return self._cached(relpath, load)
+
+    def _skipped_map(self, relpath: str) -> tuple[int, int] | None:
+        """``(layer, step)`` when ``relpath`` is a map of a step its layer did not compute."""
+        for layer in self.layers:
+            for step, done in enumerate(layer.get("computed") or []):
+                if not done and any(relpath == contract.map_path(k, layer["index"], step) for k in contract.MAP_KINDS):
+                    return int(layer["index"]), step
+        return None
 
     def cross(self, layer: int, step: int) -> np.ndarray:
         """Cross-attention map of the prompt's tokens, float32 ``[T, h, w]`` (read-only); always the
