@@ -233,13 +233,12 @@ def _plan(config: GenerateConfig, family: Family, peek: Peek, *, warn: bool = Tr
     """Raises ConfigError (size), LayerSelectionError, ShapeMismatchError (uneven pooling under
     --fail-on-shape-error) or SizeLimitError (under --enforce-size-limit); warns otherwise."""
     native_h, native_w = family.native_size(peek)
-    height, width = config.height or native_h, config.width or native_w
+    requested = (config.height or native_h, config.width or native_w)
+    height, width = family.generated_size(peek, *requested)   # resolution binning may change it (a bin fits)
     multiple = family.size_multiple(peek)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise ConfigError(name, f"must be a multiple of {multiple} for {family.pipeline_class}, got {value}")
-    requested = (height, width)
-    height, width = family.generated_size(peek, height, width)   # resolution binning may change it
     latent_hw = family.latent_grid(peek, height, width)
     plans, problems = family.plan(peek, latent_hw, config)
     if config.fail_on_shape_error or warn:

@@ -118,3 +118,23 @@ def build_flux(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def build_pixart(folder: str | Path, seed: int = 0) -> Path:
+    """A PixArtSigmaPipeline: 2 cross-DiT blocks (2 heads of 8, patch 2, learned sigma), a tiny T5 (16 tokens) and a
+    4-block VAE (scale 8). ``sample_size`` 32 makes it bin sizes as PixArt's 256 px models do (48x84 -> 192x336)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(sample_size=32, num_layers=2, patch_size=2, in_channels=4, out_channels=8,
+                                           attention_head_dim=8, num_attention_heads=2, cross_attention_dim=16,
+                                           caption_channels=32, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=256, scaling_factor=0.13025)
+    t5_tokenizer = tiny_t5_tokenizer()
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tokenizer, text_encoder=_tiny_t5(len(t5_tokenizer)), vae=vae,
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder))
+    return folder

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "PixArtSigmaPipeline": "pixart",
 }
 
 __all__ = ["REGISTRY", "Family", "ModelLoadError", "Peek", "TokenInfo", "family_named", "for_model",
