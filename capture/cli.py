@@ -45,9 +45,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def build_parser() -> argparse.ArgumentParser:
     d = GenerateConfig(prompt="")
-    p = OneLineParser(prog=PROG, description="Record what a diffusion pipeline (SD 1.x/2.x, SDXL) does at every "
-                                             "denoising step.",
-                epilog=EXAMPLE)
+    from capture.families import REGISTRY
+
+    supported = ", ".join(f"{cls} ({module})" for cls, module in REGISTRY.items())
+    p = OneLineParser(prog=PROG, description="Record what a diffusion pipeline does at every denoising step. "
+                                             f"Pipeline classes (model_index.json's _class_name): {supported}.",
+                      epilog=EXAMPLE)
     onoff = argparse.BooleanOptionalAction
     from capture.toyworld.world import VOCABULARY
 
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when an attention map does not fit its planned shape (default: warn and skip)")
     p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu", "mps"], help="(default %(default)s)")
     p.add_argument("--output-dir", default=d.output_dir, help="the run folder to write (default %(default)s)")
-    p.add_argument("--model", default=None, help="a diffusers pipeline folder (offline) or hub id (default: the embedded toy model)")
+    p.add_argument("--model", default=None, help="a diffusers pipeline folder (offline) or hub id of one of the pipeline "
+                                                 "classes above (default: the embedded toy model)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")

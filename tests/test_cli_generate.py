@@ -112,9 +112,23 @@ def test_cuda_without_cuda(workdir, capsys):
     assert snapshot(workdir) == before
 
 
-def test_help_exits_zero(capsys):
+def test_help_exits_zero_and_lists_every_family(capsys):
+    from capture.families import REGISTRY
+
     assert cli.main(["--help"]) == 0
-    assert "--attention-resolution" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())   # argparse wraps the description
+    assert "--attention-resolution" in out
+    assert REGISTRY and all(f"{cls} ({module})" in out for cls, module in REGISTRY.items())
+
+
+def test_readme_table_of_pipeline_classes_is_the_registry():
+    """The README's "Models" table is generated from the registry (capture.families.markdown_table)."""
+    pytest.importorskip("torch")
+    from capture.families import markdown_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- families:start -->\n", "\n<!-- families:end -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == markdown_table()
 
 
 def test_subprocess_one_line_no_noise(workdir):

@@ -22,7 +22,7 @@ REGISTRY: dict[str, str] = {
 }
 
 __all__ = ["REGISTRY", "Family", "ModelLoadError", "Peek", "TokenInfo", "family_named", "for_model",
-           "for_pipeline", "pipeline_class_of", "DEFAULT_MODEL_DIR"]
+           "for_pipeline", "pipeline_class_of", "DEFAULT_MODEL_DIR", "markdown_table"]
 
 
 def family_named(name: str) -> Family:
@@ -66,3 +66,14 @@ def for_model(model: str | None) -> Family:
 def for_pipeline(pipe) -> Family:
     """The family of an already loaded pipeline."""
     return _for_class(type(pipe).__name__, "pipeline")
+
+
+def markdown_table() -> str:
+    """The README's table of supported pipeline classes, from :data:`REGISTRY` and each family's declarations."""
+    rows = ["| pipeline class | family | model | layer kinds | text encoders |", "|---|---|---|---|---|"]
+    for cls, module in REGISTRY.items():
+        family = family_named(module)
+        encoders = ", ".join(encoder for encoder, _ in family.encoders)
+        kinds = ", ".join(f"`{kind}`" for kind in family.kinds)
+        rows.append(f"| `{cls}` | `{family.name}` | {family.title} | {kinds} | {encoders} |")
+    return "\n".join(rows)

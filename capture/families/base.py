@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads with a model, not with the registry (``generate --help`` lists the families)
+    import torch
 
 #: The embedded default model (the toy world), shipped inside the package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "model"
@@ -98,6 +99,10 @@ class Family:
 
     name: str = ""
     pipeline_class: str = ""
+    #: what the README's table calls it
+    title: str = ""
+    #: the ``contract.LAYER_KINDS`` its layers have
+    kinds: tuple[str, ...] = ()
 
     def load(self, location: str, *, local: bool, dtype: torch.dtype):
         """The pipeline from a folder (``local``: offline) or a hub id."""
@@ -126,6 +131,8 @@ class Family:
             index = model_index(folder)
             config = cls.load_config(str(folder / denoiser), local_files_only=True)
             vae_config = AutoencoderKL.load_config(str(folder / "vae"), local_files_only=True)
+            import torch
+
             with torch.device("meta"):
                 model = cls.from_config(config)
             tokenizers = {t: AutoTokenizer.from_pretrained(str(folder / t), local_files_only=True)
@@ -216,6 +223,8 @@ class Family:
         vae = pipe.vae
         image = vae.decode(x0[-1:].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         image = pipe.image_processor.postprocess(image, output_type="pt")[0]  # [3, H, W] in [0, 1]
+        import torch
+
         return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)  # as diffusers' numpy_to_pil rounds
 
     def describe(self, peek: Peek) -> dict[str, Any]:

@@ -18,6 +18,8 @@ PACK = 2  # Flux packs 2x2 latent pixels into one image token
 class Flux(MMDiTFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
+    title = "FLUX.1"
+    kinds = ("joint", "single")
     transformer_class = "FluxTransformer2DModel"
     encoders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     image_first = False

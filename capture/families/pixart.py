@@ -28,6 +28,7 @@ _BINS = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT
 class PixArtSigma(Family):
     name = "pixart"
     pipeline_class = "PixArtSigmaPipeline"
+    title = "PixArt-Σ"
     denoiser_name = "transformer"
     encoders = (("text_encoder", "tokenizer"),)
     kinds = ("cross-dit",)

@@ -14,6 +14,8 @@ from capture.families.base import Family, Peek, TokenInfo, clip_tokens
 class StableDiffusion(Family):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    title = "Stable Diffusion 1.x / 2.x (and the embedded toy model)"
+    kinds = ("unet",)
     #: (text encoder, its tokenizer) components, in the order the pipeline concatenates them
     encoders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
 

@@ -11,6 +11,8 @@ from capture.families.mmdit import MMDiTFamily
 class StableDiffusion3(MMDiTFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    title = "Stable Diffusion 3 (and the toy MM-DiT, toyworld-mmdit)"
+    kinds = ("joint",)
     transformer_class = "SD3Transformer2DModel"
     encoders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
     image_first = True

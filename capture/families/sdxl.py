@@ -11,6 +11,7 @@ from capture.families.sd import StableDiffusion
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    title = "Stable Diffusion XL"
     encoders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
     def pipeline_kwargs(self, config, peek=None) -> dict:
