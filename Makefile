@@ -9,11 +9,12 @@ PORT ?= 5006
 DEMO_DIR ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench site datasets venv chromium clean help
+.PHONY: demo test compat bench site datasets venv chromium clean help
 
 help:
 	@echo "make demo   - set up, generate a run with the embedded default model, serve the dashboard"
 	@echo "make test   - set up (venv, Chromium) and run the whole test suite"
+	@echo "make compat - run the capture tests against the oldest diffusers pyproject.toml allows"
 	@echo "make bench  - run the benchmarks and print their ratios"
 	@echo "make site   - build the static Pyodide site into site/"
 	@echo "make datasets - re-record the shipped runs datasets/default, datasets/compare and datasets/mmdit"
@@ -56,6 +57,21 @@ $(SELFHOST_WHEELS)/.done: $(PYODIDE_CORE) | $(VENV)/.installed
 test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The lower bound of diffusers in pyproject.toml, tested: a second venv that sees the first one's packages (a .pth
+# file) but has its own diffusers, so only diffusers differs. Keep COMPAT_DIFFUSERS equal to that bound.
+COMPAT_VENV ?= .venv-compat
+COMPAT_DIFFUSERS ?= 0.35.2
+CAPTURE_TESTS ?= tests/test_capture_observe.py tests/test_recorder.py tests/test_joint.py tests/test_families.py
+
+compat: venv
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	  "$$($(COMPAT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_diffviz_main.pth"
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps "diffusers==$(COMPAT_DIFFUSERS)"
+	$(COMPAT_VENV)/bin/python -c 'import diffusers; assert diffusers.__version__ == "$(COMPAT_DIFFUSERS)", diffusers.__file__'
+	grep -q '"diffusers>=$(COMPAT_DIFFUSERS)"' pyproject.toml
+	$(COMPAT_VENV)/bin/python -m pytest -q $(CAPTURE_TESTS)
+
 bench: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 	@echo "== tests/bench/bench_capture.py --sdxl"; $(PY) tests/bench/bench_capture.py --sdxl
@@ -78,4 +94,4 @@ site: venv $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	$(VENV)/bin/diffviz build-site --out site
 
 clean:
-	rm -rf site dist build *.egg-info test-artifacts
+	rm -rf site dist build *.egg-info test-artifacts $(COMPAT_VENV)

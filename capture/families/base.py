@@ -109,7 +109,11 @@ class Family:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        return cls.from_pretrained(location, local_files_only=local, dtype=dtype)
+        # diffusers took ``dtype`` in place of ``torch_dtype`` (now deprecated) in 0.36; the lower bound is older
+        from diffusers.pipelines import pipeline_utils
+
+        keyword = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        return cls.from_pretrained(location, local_files_only=local, **{keyword: dtype})
 
     #: (text encoder, tokenizer) components, in the pipeline's order
     encoders: tuple[tuple[str, str], ...] = ()
