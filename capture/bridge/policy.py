@@ -319,11 +319,11 @@ def job_cost(prepared: Any, config: Any, *, device: str | None = None, dtype: st
         assumed to do the same (not measured: an upper bound where a fused kernel takes that value). (The
         pipeline's own attention over the CFG batch runs in a fused kernel on the CPU, measured at 7 MB
         where its math path, ``2 x h x q x k x 4``, would be 4.3 GB, and in flash / memory-efficient
-        kernels on CUDA, so it is not counted.) On top, the UNet's feature maps at that moment, for the
-        CFG batch of 2: the skip connections (``(layers_per_block + 1) x C_i x cells_i`` per down block)
-        and ~18 live ``[q0, C0]`` tensors of the transformer block at the largest grid (residual, norm,
-        q/k/v, attention output, the feed-forward's 8C GEGLU projection and its two 4C halves), ``e`` an
-        element;
+        kernels on CUDA, so it is not counted.) Each observed call's queries and keys come from the family
+        (``Family.attention_extent``: a joint call attends over image + text). On top, the denoiser's feature maps
+        at that moment, as its family counts them (``Family.activation_bytes``; a UNet: the skip connections and
+        ~18 live tensors of the block at the largest grid; a transformer: ~18 live ``[tokens, width]`` tensors),
+        for the CFG batch of 2, ``e`` an element;
       - building the pooling operators (before the run, float64): the largest one's membership matrix,
         its normalised copy and, for a head mean, two ``[cells, h*q]`` matrices;
       - the x̂0 preview decode: ~4 live ``[C_vae, H, W]`` float32 tensors in the VAE's last up block plus
@@ -334,22 +334,19 @@ def job_cost(prepared: Any, config: Any, *, device: str | None = None, dtype: st
     if prepared is None or getattr(prepared, "plans", None) is None or prepared.peek is None:
         return None
     from capture import pipeline as pipeline_mod
-    from capture.recorder import CROSS, DENSE_MAX, SELF, native_grids
+    from capture.recorder import CROSS, DENSE_MAX, JOINT, ROLE_CROSS, SELF
 
     device = device or pipeline_mod.resolve_device(config.device)
     dtype = dtype or pipeline_mod.resolve_dtype(config.dtype, device)
     e = _elem(dtype)
     host_e = 4 if dtype == "bfloat16" else e
-    peek, plans = prepared.peek, list(prepared.plans)
+    peek, plans, family = prepared.peek, list(prepared.plans), prepared.family
     n = int(config.num_steps)
     height, width = int(prepared.height), int(prepared.width)
     latent_shape = [int(d) for d in prepared.latent_shape]
     latent = math.prod(latent_shape)
     tokens = len(prepared.tokens.tokens) if prepared.tokens is not None else 0
     context = int(peek.context_length)
-    unet = peek.denoiser
-    heads = {name: int(m.heads) for name, m in unet.named_modules()
-             if name.endswith((f".{SELF}", f".{CROSS}")) and hasattr(m, "heads")}
     disk: list[Term] = []
     terms: list[Term] = []   # memory
 
@@ -370,42 +367,45 @@ def job_cost(prepared: Any, config: Any, *, device: str | None = None, dtype: st
     build = 0
     scratch, scratch_fields, scratch_what = 0, ("height", "width"), "attention"
     for plan in plans:
-        q = plan.native[0] * plan.native[1]
-        for kind, grid in ((CROSS, plan.cross_grid), (SELF, plan.self_grid)):
-            if grid is None:
-                continue
-            h = heads.get(f"{plan.name}.{kind}", int(plan.heads))
-            cells = grid[0] * grid[1]
-            k = context if kind == CROSS else q
-            per_head = kind == CROSS and plan.per_head
-            if kind == CROSS:
-                cross_elems += cells * context * (h if per_head else 1)
-            else:
-                self_elems += cells * cells
-            pooled = tuple(grid) != tuple(plan.native)
-            dense = kind == SELF and pooled and device == "cpu" and h * q * k <= DENSE_MAX
-            key = (tuple(plan.native), tuple(grid), h, kind, per_head)
-            if pooled and key not in operators:
-                size = cells * q * (1 if per_head else h)              # query pool
-                if kind == SELF:
-                    size += h * q * cells                              # key pool
-                    if dense:
-                        size += cells * q                              # the dense path's cell mean
-                operators[key] = size * e
-                # built in float64: the membership matrix, its normalised copy, and (head mean) two of
-                # [cells, heads * q] while it is repeated over the heads and divided
-                build = max(build, (2 * cells * q + (0 if per_head else 2 * cells * h * q)) * 8)
-            # scores and softmax of the conditional sample, then the head mean (dense) or the pooled output (SDPA)
-            moment = 2 * h * q * k * e
-            if dense:
-                moment += (q + cells) * k * e
-            elif kind == SELF and pooled:
-                moment += h * q * cells * e
-            if moment > scratch:
-                scratch = moment
-                scratch_what = f"{'self' if kind == SELF else 'cross'} attention of {plan.name}"
-                scratch_fields = (("height", "width", "include_self_attention", "layers", "max_layers")
-                                  if kind == SELF else ("height", "width", "layers", "max_layers"))
+        for _module, role in plan.sites:
+            # each observed call's queries and keys, as the family's topology says (a joint call: image + text)
+            q, k = family.attention_extent(plan, role, context)
+            h = int(plan.heads)
+            parts = ((CROSS, plan.cross_grid), (SELF, plan.self_grid)) if role == JOINT else \
+                (((CROSS, plan.cross_grid),) if role == ROLE_CROSS else ((SELF, plan.self_grid),))
+            for kind, grid in parts:
+                if grid is None:
+                    continue
+                cells = grid[0] * grid[1]
+                per_head = kind == CROSS and plan.per_head
+                if kind == CROSS:
+                    cross_elems += cells * (tokens if role == JOINT else context) * (h if per_head else 1)
+                else:
+                    self_elems += cells * cells
+                pooled = tuple(grid) != tuple(plan.native)
+                dense = device == "cpu" and (role == JOINT or (kind == SELF and pooled)) and h * q * k <= DENSE_MAX
+                key = (tuple(plan.native), tuple(grid), h, kind, per_head)
+                if pooled and key not in operators:
+                    size = cells * q * (1 if per_head else h)              # query pool
+                    if kind == SELF:
+                        size += h * q * cells                              # key pool
+                        if dense:
+                            size += cells * q                              # the dense path's cell mean
+                    operators[key] = size * e
+                    # built in float64: the membership matrix, its normalised copy, and (head mean) two of
+                    # [cells, heads * q] while it is repeated over the heads and divided
+                    build = max(build, (2 * cells * q + (0 if per_head else 2 * cells * h * q)) * 8)
+                # scores and softmax of the conditional sample, then the head mean (dense) or the pooled output (SDPA)
+                moment = 2 * h * q * k * e
+                if dense:
+                    moment += (q + cells) * k * e
+                elif kind == SELF and pooled:
+                    moment += h * q * cells * e
+                if moment > scratch:
+                    scratch = moment
+                    scratch_what = f"{'self' if kind == SELF else 'cross'} attention of {plan.name}"
+                    scratch_fields = (("height", "width", "include_self_attention", "layers", "max_layers")
+                                      if kind == SELF else ("height", "width", "layers", "max_layers"))
     elems = self_elems + cross_elems
     recorder_fields = (("self_attention_resolution", "max_layers", "layers") if self_elems >= cross_elems
                        else ("attention_resolution", "per_head", "max_layers", "layers"))
@@ -415,17 +415,7 @@ def job_cost(prepared: Any, config: Any, *, device: str | None = None, dtype: st
     terms.append(Term("latents kept per step", (2 * n + 1) * latent * 4, ("num_steps", "height", "width")))
 
     # ---- the largest moment -----------------------------------------------------------------------
-    cfg = unet.config
-    features = 0
-    channels = list(getattr(cfg, "block_out_channels", None) or [])
-    if channels:
-        per_block = getattr(cfg, "layers_per_block", 1)
-        per_block = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * len(channels)
-        grids = native_grids(unet, (latent_shape[1], latent_shape[2]))
-        cells0 = math.prod(grids["down_blocks.0"])
-        skips = channels[0] * cells0 + sum((int(per_block[i]) + 1) * int(c) * math.prod(grids[f"down_blocks.{i}"])
-                                           for i, c in enumerate(channels))
-        features = 2 * (skips + 18 * int(channels[0]) * cells0) * e
+    features = family.activation_bytes(peek, latent_shape, e)   # the denoiser's own tensors then (its family says)
     moments = [Term(scratch_what, scratch + features, scratch_fields)]
     moments.append(Term("building the pooling operators", build, ("attention_resolution", "self_attention_resolution",
                                                                   "height", "width")))

@@ -210,6 +210,22 @@ class Family:
         h, w = self.generated_size(peek, height, width)
         return h // peek.vae_scale_factor, w // peek.vae_scale_factor
 
+    # ------------------------------------------------------------------ the bridge's cost model
+    def attention_extent(self, plan, role: str, context: int) -> tuple[int, int]:
+        """``(queries, keys)`` of one observed attention call of ``plan`` (role ``self``, ``cross`` or ``joint``)."""
+        image = plan.native[0] * plan.native[1]
+        return {"self": (image, image), "cross": (image, context)}.get(role, (image + context, image + context))
+
+    def activation_bytes(self, peek: Peek, latent_shape, element: int) -> int:
+        """The denoiser's own live tensors at its largest attention, for a CFG batch of 2: a transformer's ~18
+        ``[tokens, width]`` tensors of one block (residual, norms, q/k/v, attention output, the feed-forward's 4x
+        projection); a UNet family counts its skip connections too."""
+        config = peek.denoiser.config
+        width = int(getattr(config, "num_attention_heads", 1)) * int(getattr(config, "attention_head_dim", 1))
+        patch = int(getattr(config, "patch_size", 1) or 1)
+        tokens = (int(latent_shape[1]) // patch) * (int(latent_shape[2]) // patch) + int(peek.context_length)
+        return 2 * 18 * tokens * width * element
+
     def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor | None:
         """x̂0 of the step just taken (DDIM/DDPM give it as ``pred_original_sample``)."""
         return getattr(out, "pred_original_sample", None)

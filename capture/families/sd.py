@@ -50,6 +50,25 @@ class StableDiffusion(Family):
                            resolution=config.attention_resolution,
                            self_resolution=config.self_attention_resolution, per_head=config.per_head)
 
+    def activation_bytes(self, peek: Peek, latent_shape, element: int) -> int:
+        """The UNet's feature maps at its largest attention, for the CFG batch of 2: the skip connections
+        (``(layers_per_block + 1) x C_i x cells_i`` per down block) and ~18 live ``[q0, C0]`` tensors of the
+        transformer block at the largest grid (residual, norm, q/k/v, attention output, the feed-forward's 8C GEGLU
+        projection and its two 4C halves)."""
+        from capture.recorder import native_grids
+
+        cfg = peek.denoiser.config
+        channels = list(getattr(cfg, "block_out_channels", None) or [])
+        if not channels:
+            return 0
+        per_block = getattr(cfg, "layers_per_block", 1)
+        per_block = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * len(channels)
+        grids = native_grids(peek.denoiser, (latent_shape[1], latent_shape[2]))
+        cells0 = math.prod(grids["down_blocks.0"])
+        skips = channels[0] * cells0 + sum((int(per_block[i]) + 1) * int(c) * math.prod(grids[f"down_blocks.{i}"])
+                                           for i, c in enumerate(channels))
+        return 2 * (skips + 18 * int(channels[0]) * cells0) * element
+
     # ------------------------------------------------------------------ tokens
     def tokens(self, tokenizers: dict[str, Any], prompt: str) -> TokenInfo:
         """Every tokenizer sees the same prompt; metadata records the first one's tokens, and

@@ -6,6 +6,9 @@
     python tests/bench/bench_capture.py --sdxl          # the tests' tiny SDXL pipeline (random weights), 64x128, CPU
     python tests/bench/bench_capture.py --sd3           # the tests' tiny SD3 / Flux pipelines, 64x96, CPU
     python tests/bench/bench_capture.py --flux
+    python tests/bench/bench_capture.py --pixart        # the tests' tiny PixArt-Σ pipeline, 48x84 (binned to 192x336), CPU
+    python tests/bench/bench_capture.py --families      # every tiny family above, one line each (CPU)
+    python tests/bench/bench_capture.py --mmdit-size    # an SD3-medium-width MM-DiT (random weights, 4 blocks), 512², CPU
     python tests/bench/bench_capture.py --flux-size     # a Flux-size transformer (random weights), 1024², fp16, CUDA:
                                                         # one forward per step, plain vs recorded, with peak memory
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from capture import families  # noqa: E402
 from capture import pipeline as pipeline_mod  # noqa: E402
 from capture.recorder import record_attention  # noqa: E402
 
@@ -82,6 +86,8 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
                   generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
     if hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
         kwargs["max_sequence_length"] = 16
+        if type(pipe).__name__.startswith("PixArt"):
+            kwargs["clean_caption"] = False
         record = None if record is None else {**record, "prompt": PROMPT}
     if device == "cuda":
         torch.cuda.synchronize()
@@ -91,7 +97,7 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     else:
         with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
             callback = rec.callback_on_step_end if collect else (lambda *a: {})
-            out = pipe(PROMPT, callback_on_step_end=callback, **kwargs).images
+            out = pipe(PROMPT, **families.for_pipeline(pipe).callback_kwargs(callback), **kwargs).images
         assert not collect or (len(rec.steps) == steps and len(rec.steps[-1].cross) == len(rec.layers))
     if device == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +109,8 @@ def flux_size(args) -> int:
     weights, called once per "step" on fixed inputs: plain, then with every block recorded."""
     from diffusers import FluxTransformer2DModel
 
-    from capture.joint import JointRecorder, plan_joint_layers
+    from capture.joint import plan_joint_layers
+    from capture.recorder import AttentionRecorder
 
     tiny = args.tiny_check
     device = args.device or ("cpu" if tiny else "cuda")
@@ -129,7 +136,7 @@ def flux_size(args) -> int:
     steps, repeats = (2, 2) if tiny else (4, 3)
 
     def run(recorded: bool) -> tuple[float, int]:
-        rec = JointRecorder(model, plans, context_length=text, positions=positions, image_first=False) if recorded else None
+        rec = AttentionRecorder(model, plans, context_length=text, positions=positions, image_first=False) if recorded else None
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -168,12 +175,106 @@ def flux_size(args) -> int:
     return 0
 
 
+TINY = {"sdxl": ("build_sdxl", (64, 128)), "sd3": ("build_sd3", (64, 96)), "flux": ("build_flux", (64, 96)),
+        "pixart": ("build_pixart", (48, 84))}
+
+
+def tiny_pipe(name: str, device: str):
+    """One of the tests' tiny random-weight pipelines, saved and loaded as a folder; (pipe, size)."""
+    from tests import tiny_pipelines
+
+    builder, size = TINY[name]
+    folder = getattr(tiny_pipelines, builder)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
+    return pipeline_mod.load_pipeline(str(folder), device), size
+
+
+def families_ratios(args) -> int:
+    """The recorded/plain ratio of each family's tiny pipeline (and the default toy model), CPU time, 12 layers."""
+    steps, repeats = args.steps or 10, args.repeats or 5
+    record = dict(max_layers=args.max_layers, resolution=32, self_resolution=16)
+    print(f"recorded / plain per family, {steps} steps, median of {repeats} (process CPU time, wall in brackets)")
+    for name in ["toy", "toy-mmdit", *TINY]:
+        if name == "toy":
+            pipe = pipeline_mod.load_pipeline(None, "cpu")
+            size = pipeline_mod.native_size(pipe)
+        elif name == "toy-mmdit":
+            pipe = pipeline_mod.load_pipeline("toyworld-mmdit", "cpu")
+            size = (32, 32)
+        else:
+            pipe, size = tiny_pipe(name, "cpu")
+        timed(pipe, steps=steps, size=size, record=None, device="cpu")
+        timed(pipe, steps=steps, size=size, record=record, device="cpu")
+        plain, recorded = [], []
+        for _ in range(repeats):
+            plain.append(timed(pipe, steps=steps, size=size, record=None, device="cpu")[:2])
+            recorded.append(timed(pipe, steps=steps, size=size, record=record, device="cpu")[:2])
+        wp, wr = (statistics.median(t for t, _ in runs) for runs in (plain, recorded))
+        cp, cr = (statistics.median(c for _, c in runs) for runs in (plain, recorded))
+        print(f"{name:10s}: {cr / cp:.3f}x cpu ({cp:.3f} s -> {cr:.3f} s)  [{wr / wp:.3f}x wall]  (target <= 1.3x)")
+    return 0
+
+
+def mmdit_size(args) -> int:
+    """SD3-medium's transformer width (24 heads of 64, joint dim 4096, T5 256 + CLIP 77) at reduced depth, random
+    weights, one forward per step on fixed inputs at 512² (32x32 image tokens with patch 2), plain and recorded."""
+    from diffusers import SD3Transformer2DModel
+
+    from capture.joint import plan_joint_layers
+    from capture.recorder import AttentionRecorder
+
+    depth = 4
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, num_layers=depth, attention_head_dim=64,
+                                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96).eval()
+    text = 77 + 256
+    inputs = dict(hidden_states=torch.randn(2, 16, 64, 64), encoder_hidden_states=torch.randn(2, text, 4096),
+                  pooled_projections=torch.randn(2, 2048), timestep=torch.tensor([500.0, 500.0]))
+    plans, _ = plan_joint_layers(model, (32, 32), resolution=32, self_resolution=16)
+    steps, repeats = args.steps or 3, args.repeats or 3
+
+    def run(recorded: bool) -> tuple[float, float]:
+        rec = AttentionRecorder(model, plans, context_length=text, positions=list(range(12)),
+                                image_first=True) if recorded else None
+        start, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            if rec:
+                rec.install()
+            try:
+                for _ in range(steps):
+                    model(**inputs, return_dict=False)
+                    if rec:
+                        rec.collect()
+            finally:
+                if rec:
+                    rec.remove()
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+    run(False), run(True)
+    plain, recorded = [], []
+    for _ in range(repeats):
+        plain.append(run(False))
+        recorded.append(run(True))
+    wp, wr = (statistics.median(t for t, _ in r) for r in (plain, recorded))
+    cp, cr = (statistics.median(c for _, c in r) for r in (plain, recorded))
+    print(f"SD3-medium-width MM-DiT, {depth} blocks, random weights, 1024 image + {text} text tokens, CFG batch 2, "
+          f"float32, cpu: {len(plans)} recorded blocks, median of {repeats}")
+    print(f"plain            : {wp:.3f} s/step  ({cp:.3f} s CPU)")
+    print(f"with recording   : {wr:.3f} s/step  ({cr:.3f} s CPU)")
+    print(f"ratio            : {cr / cp:.3f}x cpu, {wr / wp:.3f}x wall  (target <= 1.3x)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sd15", action="store_true", help="full-size SD-1.5 UNet, random weights (needs CUDA)")
     p.add_argument("--sdxl", action="store_true", help="the tests' tiny random-weight SDXL pipeline, 64x128 (CPU)")
     p.add_argument("--sd3", action="store_true", help="the tests' tiny random-weight SD3 pipeline, 64x96 (CPU)")
     p.add_argument("--flux", action="store_true", help="the tests' tiny random-weight Flux pipeline, 64x96 (CPU)")
+    p.add_argument("--pixart", action="store_true", help="the tests' tiny random-weight PixArt-Σ pipeline (CPU)")
+    p.add_argument("--families", action="store_true", help="every tiny family, the recorded/plain ratio of each (CPU)")
+    p.add_argument("--mmdit-size", action="store_true",
+                   help="an SD3-medium-width MM-DiT transformer (random weights, reduced depth), 512², CPU")
     p.add_argument("--flux-size", action="store_true",
                    help="a Flux-size transformer, random weights, 1024², fp16 (CUDA; --tiny-check shrinks it for a CPU)")
     p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
@@ -189,6 +290,10 @@ def main(argv=None) -> int:
 
     if args.flux_size:
         return flux_size(args)
+    if args.mmdit_size:
+        return mmdit_size(args)
+    if args.families:
+        return families_ratios(args)
     tiny = args.sd15 and args.tiny_check
     device = args.device or ("cuda" if args.sd15 and not tiny else "cpu")
     steps = args.steps or (2 if tiny else 30)
@@ -206,6 +311,9 @@ def main(argv=None) -> int:
         pipe = pipeline_mod.load_pipeline(str(folder), device)
         size = (64, 128)
         label = f"tiny SDXL, random weights, 64x128, {pipe.unet.dtype}, {device}, {torch.get_num_threads()} threads"
+    elif args.pixart:
+        pipe, size = tiny_pipe("pixart", device)
+        label = f"tiny pixart, random weights, 48x84 (binned to 192x336), {pipe.transformer.dtype}, {device}"
     elif args.sd3 or args.flux:
         from tests.tiny_pipelines import build_flux, build_sd3
 
