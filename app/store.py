@@ -301,7 +301,7 @@ class RunData:
         maps = f"{len(self.cross_layers)} cross, {len(self.self_layers)} self"
         if set(kinds) <= {"unet"}:
             return f"{len(self.layers)} ({maps})"
-        counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("unet", "joint", "single") if k in kinds)
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))   # the run's kinds, in layer order
         return f"{len(self.layers)} ({counts}; {maps}, {len(self.text_layers)} text)"
 
     def token_summary(self) -> str:

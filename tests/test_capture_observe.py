@@ -298,3 +298,15 @@ def test_a_non_observable_backend_is_switched_to_native_and_stated(models, tmp_p
     meta = open_run(path).metadata
     assert meta["attention"]["backend"] == {"used": "native", "requested": "flex"}
     assert validate_mod.validate_run(path, strict=True) == []
+
+
+def test_the_dashboard_counts_a_new_kind_from_the_run(models, tmp_path):
+    """The app reads layer kinds from metadata.json: a PixArt run's ``cross-dit`` layers are counted, not dropped."""
+    from app.store import RunData
+
+    config = GenerateConfig(prompt=PROMPT, num_steps=1, height=48, width=84, model=models["pixart"],
+                            output_dir=str(tmp_path / "pixart"), device="cpu", attention_resolution=7,
+                            self_attention_resolution=7)
+    data = RunData(open_run(generate(config)), "pixart")
+    assert data.layer_summary() == "2 (2 cross-dit; 2 cross, 2 self, 0 text)"
+    assert data.layer_label(0) == "cross-dit · transformer_blocks.0 · 4×7"

@@ -282,11 +282,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5; 2 with --tiny-check)")
     p.add_argument("--steps", type=int, default=None, help="default 30 (2 with --tiny-check)")
     p.add_argument("--max-layers", type=int, default=12)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (a shared CPU gives steadier ratios at 1)")
     p.add_argument("--with-generate", action="store_true", help="also time one full generate() (previews, metrics, writing)")
     p.add_argument("--diagnose", action="store_true",
                    help="also time recording without the per-step copy, and check that outputs are identical")
     p.add_argument("--profile", action="store_true", help="profile one plain and one recorded image (torch.profiler)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.flux_size:
         return flux_size(args)
