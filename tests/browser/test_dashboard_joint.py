@@ -97,18 +97,20 @@ def test_a_unet_run_hides_word_to_image(page, runs):
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    """2-step non-square runs of the tiny random-weight SD3 and Flux pipelines, recorded by `generate`."""
+    """2-step non-square runs of the tiny random-weight SD3, Flux and PixArt-Σ pipelines, recorded by `generate`
+    (PixArt's 48x84 request is binned to 192x336, its final image stays 48x84)."""
     pytest.importorskip("torch")
     from capture.config import GenerateConfig
     from capture.run import generate
-    from tests.tiny_pipelines import build_flux, build_sd3
+    from tests.tiny_pipelines import build_flux, build_pixart, build_sd3
 
     root = tmp_path_factory.mktemp("generated")
     out = {}
-    for name, build in (("sd3", build_sd3), ("flux", build_flux)):
-        config = GenerateConfig(prompt="a red circle and a blue square", num_steps=2, height=32, width=48,
+    for name, build, size, res in (("sd3", build_sd3, (32, 48), (12, 4)), ("flux", build_flux, (32, 48), (12, 4)),
+                                   ("pixart", build_pixart, (48, 84), (7, 7))):
+        config = GenerateConfig(prompt="a red circle and a blue square", num_steps=2, height=size[0], width=size[1],
                                 model=str(build(root / f"tiny-{name}")), output_dir=str(root / f"run-{name}"),
-                                device="cpu", attention_resolution=12, self_attention_resolution=4)
+                                device="cpu", attention_resolution=res[0], self_attention_resolution=res[1])
         out[name] = generate(config)
     return out
 
@@ -130,4 +132,22 @@ def test_recorded_sd3_and_flux_runs_open_in_every_tab(page, generated):
             page.page.wait_for_timeout(500)
         assert banner_text(page) == "", (name, banner_text(page))
         assert failed_titles(page) == [], name
+    assert page.errors == [], page.errors
+
+
+def test_a_recorded_pixart_run_opens_in_every_tab(page, generated):
+    """A cross-attention DiT run (layer kind cross-dit): the cross map drawn is the file's, every tab draws."""
+    page.open(f"{page.server.url}?dataset={quote(str(generated['pixart']))}&step=1", ready_model="attention-image")
+    show_tab(page, "Attention")
+    page.page.locator(".dv-text-map").wait_for(state="hidden")   # no text->image maps in a cross-attention run
+    page.set_widget("dv:layer", "0")
+    page.widget_element("dv:token", "select").select_option(label="1: red")
+    expected = read_bin(generated["pixart"], "attention/cross/layer_0_step_001.bin")[1]   # [T, 4, 7] -> "red"
+    raw = page.array(page.wait_values("attention-heat", "raw", expected)[0])
+    np.testing.assert_array_equal(raw, expected)
+    for tab in TABS[:3]:
+        show_tab(page, tab)
+        page.page.wait_for_timeout(500)
+    assert banner_text(page) == "", banner_text(page)
+    assert failed_titles(page) == []
     assert page.errors == [], page.errors
