@@ -104,6 +104,22 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     return time.perf_counter() - start, time.process_time() - cpu, out
 
 
+def forwards(model, inputs: dict, rec, steps: int) -> None:
+    """``steps`` forwards of ``model`` on ``inputs``; with ``rec`` (an AttentionRecorder) installed and collected
+    once per forward, as a pipeline's step callback would."""
+    with torch.no_grad():
+        if rec:
+            rec.install()
+        try:
+            for _ in range(steps):
+                model(**inputs, return_dict=False)
+                if rec:
+                    rec.collect()
+        finally:
+            if rec:
+                rec.remove()
+
+
 def flux_size(args) -> int:
     """Flux-dev's transformer shape (19 double + 38 single blocks, 24 heads of 128, T5 512) with random
     weights, called once per "step" on fixed inputs: plain, then with every block recorded."""
@@ -141,17 +157,7 @@ def flux_size(args) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        with torch.no_grad():
-            if rec:
-                rec.install()
-            try:
-                for _ in range(steps):
-                    model(**inputs, return_dict=False)
-                    if rec:
-                        rec.collect()
-            finally:
-                if rec:
-                    rec.remove()
+        forwards(model, inputs, rec, steps)
         if device == "cuda":
             torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
@@ -237,17 +243,7 @@ def mmdit_size(args) -> int:
         rec = AttentionRecorder(model, plans, context_length=text, positions=list(range(12)),
                                 image_first=True) if recorded else None
         start, cpu = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            if rec:
-                rec.install()
-            try:
-                for _ in range(steps):
-                    model(**inputs, return_dict=False)
-                    if rec:
-                        rec.collect()
-            finally:
-                if rec:
-                    rec.remove()
+        forwards(model, inputs, rec, steps)
         return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
     run(False), run(True)
