@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capture.recorder import DENSE_MAX, JOINT, LayerPlan, _Slot, choose_layers, pooled_grid, pooling_matrix, uneven
+from capture.recorder import (DENSE_MAX, JOINT, LayerPlan, _Slot, choose_layers, pooled_grid, pooling_matrix,
+                              softmax_, uneven)
 
 ATTN = "attn"
 #: block prefix -> layer kind (Flux's single-stream blocks have no separate text processor)
@@ -170,8 +171,8 @@ class JointSlot(_Slot):
         def probs(index) -> torch.Tensor:
             rows = _rows(mask, index)
             bias = self.zero if mask is None else (mask if rows is None else rows)[0]
-            return torch.baddbmm(bias, q[:, index], k.transpose(1, 2), beta=0 if mask is None else 1,
-                                 alpha=alpha).softmax(-1)
+            return softmax_(torch.baddbmm(bias, q[:, index], k.transpose(1, 2), beta=0 if mask is None else 1,
+                                          alpha=alpha))
 
         if self.image_value is not None:
             p = probs(self.image)                                      # [H, Ni, S]

@@ -302,6 +302,13 @@ def last_sample_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return mask.to(dtype)
 
 
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.softmax(-1)`` computed in place (the [heads, queries, keys] scores are the recording's largest
+    tensor on the CPU path; a second one of that size costs as much again in memory traffic)."""
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
 def same_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``key`` with its heads repeated to the query's (grouped-query attention, SDPA's ``enable_gqa``)."""
     if key.shape[1] == query.shape[1]:
@@ -396,8 +403,8 @@ class _MapSlot(_Slot):
         out = self.views[self.role]
         alpha = query.shape[-1] ** -0.5 if scale is None else scale
         if self.key_pool is None or self.dense is not None:
-            probs = torch.baddbmm(self.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
-                                  beta=0 if mask is None else 1, alpha=alpha).softmax(-1)
+            probs = softmax_(torch.baddbmm(self.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
+                                           beta=0 if mask is None else 1, alpha=alpha))
         else:  # 4-D, so that the fused kernels (not the math fallback) run on a GPU
             probs = F.scaled_dot_product_attention(query[-1:], key[-1:], self.key_pool, attn_mask=mask, scale=scale)
         if self.dense is not None:  # [heads, q, k] -> head mean -> cells x key cells
