@@ -334,6 +334,8 @@ class _Slot:
         self.fatal = False           # an error that no plan change fixes (the processor cannot be observed)
         self.mismatch: str | None = None
         self.path = f"{plan.name}.{module}"
+        #: None, or ``edit(plan, role, call) -> call``: rewrites the attention call's keywords before it runs
+        self.edit = None
 
     def take(self, layout: list[int], what: str, shape: tuple[int, ...]) -> None:
         self.parts.append((what, layout[0], tuple(shape)))
@@ -446,7 +448,12 @@ class _Observer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        output = func(*args, **kwargs)   # the model's own call, unchanged (this mode is off inside the handler)
+        if func is _SDPA and self.slots and self.slots[-1].edit is not None:
+            # the one place an intervention changes attention: the call as the model made it, rewritten
+            slot = self.slots[-1]
+            kwargs = slot.edit(slot.plan, slot.role, dict(zip(_SDPA_ARGS, args), **kwargs))
+            args = ()
+        output = func(*args, **kwargs)   # the model's own call (this mode is off inside the handler)
         if func is _SDPA and self.slots:
             slot = self.slots[-1]
             try:
@@ -527,11 +534,16 @@ class AttentionRecorder:
     ``positions``: the text-sequence positions of the tokens whose joint maps are stored (default: every slot);
     ``image_first``: the joint sequence order (SD3 ``[image; text]``, Flux ``[text; image]``); ``content``: which
     stored tokens are content words (the concept maps' softmax runs over those).
+
+    ``edit`` (interventions): ``edit(plan, role, call) -> call`` receives each recorded module's attention call as
+    keywords (``query``, ``key``, ``value``, ``attn_mask``, ``scale``, …) and returns the call to make instead, in
+    the one place the call is made; the maps describe the call as made. Without it nothing is changed.
     """
 
     def __init__(self, denoiser, plans: list[LayerPlan], *, context_length: int, positions: Sequence[int] | None = None,
                  image_first: bool = True, content: Sequence[bool] | None = None, fail_on_shape_error: bool = False,
-                 on_step: Callable[[StepMaps], None] | None = None):
+                 on_step: Callable[[StepMaps], None] | None = None,
+                 edit: Callable[[LayerPlan, str, dict], dict] | None = None):
         self.denoiser = denoiser
         self.layers = list(plans)
         self.context_length = int(context_length)
@@ -571,6 +583,7 @@ class AttentionRecorder:
                     slot = _MapSlot(plan, module, role, heads=int(modules[path].heads),
                                     context_length=self.context_length, layout=layout, device=self.device,
                                     dtype=self.dtype)
+                slot.edit = edit
                 self._slots.append(slot)
         self.buffer = torch.zeros(layout[0], device=self.device, dtype=self.dtype)
         for slot in self._slots:

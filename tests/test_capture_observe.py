@@ -310,3 +310,38 @@ def test_the_dashboard_counts_a_new_kind_from_the_run(models, tmp_path):
     data = RunData(open_run(generate(config)), "pixart")
     assert data.layer_summary() == "2 (2 cross-dit; 2 cross, 2 self, 0 text)"
     assert data.layer_label(0) == "cross-dit · transformer_blocks.0 · 4×7"
+
+
+def test_an_edit_rewrites_the_attention_call_in_one_place(models):
+    """The seam interventions build on: ``edit`` returning the call unchanged leaves the output bit-identical; one
+    that masks a token's key changes the output, and the recorded map shows that token at zero."""
+    from capture.recorder import AttentionRecorder, plan_layers
+
+    pipe = _pipe(models, "sd")
+    unet = pipe.unet
+    plans, _ = plan_layers(unet, (8, 8), resolution=8, self_=False)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, unet.config.in_channels, 8, 8, generator=g), torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+
+    def forward(edit):
+        recorder = AttentionRecorder(unet, plans, context_length=77, edit=edit).install()
+        try:
+            with torch.no_grad():
+                out = unet(x, torch.tensor(500), encoder_hidden_states=ctx).sample
+            return out, recorder.collect()
+        finally:
+            recorder.remove()
+
+    def knock_out(plan, role, call):
+        mask = torch.zeros(1, 1, 1, call["key"].shape[-2], dtype=call["query"].dtype)
+        mask[..., 2] = float("-inf")   # key 2: no query may attend to it
+        return {**call, "attn_mask": mask}
+
+    with torch.no_grad():
+        plain = unet(x, torch.tensor(500), encoder_hidden_states=ctx).sample
+    same, _ = forward(lambda plan, role, call: call)
+    assert torch.equal(plain, same)
+    changed, maps = forward(knock_out)
+    assert not torch.allclose(plain, changed)
+    for layer in maps.cross.values():
+        assert np.abs(layer[2]).max() == 0 and np.allclose(layer.sum(axis=0), 1.0, atol=1e-5)
