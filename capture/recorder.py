@@ -24,7 +24,7 @@ Why there: every diffusers attention path that forms a softmax ends in that call
 processors go through ``dispatch_attention_fn``, whose native backends call it. Backends that never form the
 probabilities (flash, sage, xformers, flex) are switched to ``native`` on the recorded modules for the run
 (``metadata.attention.backend`` says so). The mode is scoped to the recorded modules, so the rest of the model
-pays nothing (inside them each torch call costs about 1.5 µs more), and the hook names the layer. A processor
+pays nothing (inside them each torch call takes one Python step more), and the hook names the layer. A processor
 that makes no such call, or several with the planned shape per module call, is refused in one line naming it.
 
 A module that did not run at a step (a caching hook such as diffusers' FirstBlockCache skipped its block) is
