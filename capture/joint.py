@@ -18,7 +18,8 @@ Nothing [S, S] is materialised on the GPU path: each part is one ``scaled_dot_pr
 whose value ``V`` is a one-hot [keys, columns] selector (a text key to its token's column, an image key to its
 cell's column), so ``softmax(q kᵀ · scale) @ V`` is exactly the probabilities summed per column. Heads and query
 cells are then averaged with one matmul into a slice of the recorder's flat step buffer. On the CPU, up to
-``DENSE_MAX`` elements, the probabilities are materialised and pooled with small matmuls instead.
+``DENSE_MAX`` elements, the probabilities are materialised instead, a block of image queries at a time: head mean,
+the token columns gathered, the keys summed per self cell, then the query cells' mean.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capture.recorder import (DENSE_MAX, JOINT, LayerPlan, _Slot, choose_layers, pooled_grid, pooling_matrix,
-                              softmax_, uneven)
+from capture.recorder import (CHUNK_ELEMENTS, DENSE_MAX, JOINT, LayerPlan, _Slot, choose_layers, key_cell_index,
+                              pooled_grid, pooling_matrix, uneven)
 
 ATTN = "attn"
 #: block prefix -> layer kind (Flux's single-stream blocks have no separate text processor)
@@ -116,6 +117,7 @@ class JointSlot(_Slot):
             key_cells[self.image] = image_keys(sg)
             columns.append(key_cells)
             self.self_pool = query_mean(sg, self.dense)
+            self.key_cell = key_cell_index(tuple(plan.native), tuple(sg), device)   # each image key's self cell
             self.take(layout, "self", (sg[0] * sg[1], sg[0] * sg[1]))
         self.image_value = None
         if columns:  # a real [1, heads, keys, columns] tensor: fused SDPA kernels want unit-stride heads
@@ -171,10 +173,27 @@ class JointSlot(_Slot):
         def probs(index) -> torch.Tensor:
             rows = _rows(mask, index)
             bias = self.zero if mask is None else (mask if rows is None else rows)[0]
-            return softmax_(torch.baddbmm(bias, q[:, index], k.transpose(1, 2), beta=0 if mask is None else 1,
-                                          alpha=alpha))
+            return torch.baddbmm(bias, q[:, index], k.transpose(1, 2), beta=0 if mask is None else 1,
+                                 alpha=alpha).softmax(-1)
 
-        if self.image_value is not None:
+        if self.image_value is not None and not self.plan.per_head:
+            # image queries in blocks whose [H, rows, S] probabilities stay in the CPU's cache
+            rows = max(16, CHUNK_ELEMENTS // (q.shape[0] * k.shape[1]))
+            # per image query: its token columns (a gather) and its keys summed per self cell (an index_add)
+            tokens = q.new_empty(self.n_image, self.n_cross)
+            cells = q.new_zeros(self.n_image, views["self"].shape[1]) if "self" in views else None
+            for r0 in range(0, self.n_image, rows):
+                r1 = min(self.n_image, r0 + rows)
+                block = probs(slice(self.image.start + r0, self.image.start + r1)).mean(dim=0)   # [rows, S]
+                if self.n_cross:
+                    torch.index_select(block, 1, self.tokens, out=tokens[r0:r1])
+                if cells is not None:
+                    cells[r0:r1].index_add_(1, self.key_cell, block[:, self.image])
+            if self.n_cross:
+                torch.matmul(self.cross_pool, tokens, out=views["cross"])
+            if cells is not None:
+                torch.matmul(self.self_pool, cells, out=views["self"])
+        elif self.image_value is not None:
             p = probs(self.image)                                      # [H, Ni, S]
             columns = p.mean(dim=0) @ self.image_value                 # [Ni, T + self cells]
             if self.n_cross and self.plan.per_head:

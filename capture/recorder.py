@@ -37,8 +37,9 @@ The maps, for the conditional sample:
 * Keys kept (cross attention; self maps at their native grid): the probabilities, materialised.
 * Keys pooled (self maps below their native grid): ``P`` is a one-hot [keys, cells] matrix that sums each
   cell's keys (rows still sum to 1), and ``softmax(q kᵀ · scale) @ P`` is one ``scaled_dot_product_attention(q,
-  k, P)`` call, so the [n, n] map is never materialised. On the CPU, up to :data:`DENSE_MAX` elements, the map
-  is materialised instead (head mean first, then the two poolings as matmuls), which costs far less there.
+  k, P)`` call, so the [n, n] map is never materialised. On the CPU, up to :data:`DENSE_MAX` elements, the
+  probabilities are materialised instead, a block of queries at a time (:data:`CHUNK_ELEMENTS`): head mean, keys
+  summed per cell (an ``index_add_``), then the query cells' mean, which costs far less there.
 * Queries pooled: the head mean and the query-cell mean are one matmul with a precomputed
   [cells, heads*queries] matrix; queries kept: one ``mean`` over heads.
 * Joint attention (MM-DiT): ``capture.joint``.
@@ -74,6 +75,9 @@ ROLE_SELF, ROLE_CROSS, JOINT = "self", "cross", "joint"
 #: then two small matmuls) than from SDPA with the [keys, cells] pooling matrix as a wide value, up to
 #: this many elements (float32: 128 MB); past it, and on GPUs, SDPA keeps the map unmaterialised.
 DENSE_MAX = 1 << 25
+#: the CPU path computes the probabilities of blocks of queries of about this many elements (1 MB in float32), which
+#: stay in the cache through softmax, head mean and pooling
+CHUNK_ELEMENTS = 1 << 18
 
 
 class LayerSelectionError(ValueError):
@@ -286,6 +290,13 @@ def pooling_operators(native: tuple[int, int], grid: tuple[int, int], heads: int
     return query_pool, key_pool[None, None].repeat(1, heads, 1, 1).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def key_cell_index(native: tuple[int, int], grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Each native pixel's (row-major) pooled cell, as a LongTensor: the key side's sum per cell is an
+    ``index_add_`` over it, a pass over the probabilities instead of a matmul with the one-hot [keys, cells]."""
+    return torch.as_tensor(pooling_matrix(native, grid).argmax(axis=0), dtype=torch.long, device=device)
+
+
 # --------------------------------------------------------------------------- the slots
 
 
@@ -300,13 +311,6 @@ def last_sample_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)
-
-
-def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """``scores.softmax(-1)`` computed in place (the [heads, queries, keys] scores are the recording's largest
-    tensor on the CPU path; a second one of that size costs as much again in memory traffic)."""
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 def same_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -395,24 +399,36 @@ class _MapSlot(_Slot):
         kind = CROSS if cross else SELF
         self.query_pool, self.key_pool = pooling_operators(tuple(plan.native), tuple(grid), heads, kind, device, dtype,
                                                            self.per_head)
-        self.dense = None   # ([cells, queries] cell mean, [keys, cells] key sum): see DENSE_MAX
+        self.dense = None   # ([cells, queries] cell mean, [keys] each key's cell): see DENSE_MAX
         if self.key_pool is not None and device.type == "cpu" and heads * self.queries * self.keys <= DENSE_MAX:
             cell_mean = pooling_operators(tuple(plan.native), tuple(grid), heads, CROSS, device, dtype, True)[0]
-            self.dense = (cell_mean, self.key_pool[0, 0])
+            self.dense = (cell_mean, key_cell_index(tuple(plan.native), tuple(grid), device))
         self.zero = torch.zeros((), dtype=dtype, device=device)  # baddbmm's ignored input
 
     def record(self, query, key, output, mask, scale) -> None:
         out = self.views[self.role]
         alpha = query.shape[-1] ** -0.5 if scale is None else scale
-        if self.key_pool is None or self.dense is not None:
-            probs = softmax_(torch.baddbmm(self.zero if mask is None else mask[0], query[-1], key[-1].transpose(1, 2),
-                                           beta=0 if mask is None else 1, alpha=alpha))
+        q, k = query[-1], key[-1].transpose(1, 2)
+
+        def probs_of(rows=slice(None)) -> torch.Tensor:   # softmax(q kᵀ · scale + mask) of those queries
+            bias = self.zero if mask is None else (mask[0] if mask.shape[-2] == 1 else mask[0][:, rows])
+            return torch.baddbmm(bias, q[:, rows], k, beta=0 if mask is None else 1, alpha=alpha).softmax(-1)
+
+        if self.dense is not None:
+            # queries in blocks that stay in the CPU's cache: head mean, keys summed per cell; then the cells' mean
+            cell_mean, cell_of = self.dense
+            summed = q.new_zeros(self.queries, out.shape[1])
+            step = max(16, CHUNK_ELEMENTS // (q.shape[0] * self.keys))
+            for r0 in range(0, self.queries, step):
+                rows = slice(r0, min(self.queries, r0 + step))
+                summed[rows].index_add_(1, cell_of, probs_of(rows).mean(dim=0))
+            torch.matmul(cell_mean, summed, out=out)
+            return
+        if self.key_pool is None:
+            probs = probs_of()
         else:  # 4-D, so that the fused kernels (not the math fallback) run on a GPU
             probs = F.scaled_dot_product_attention(query[-1:], key[-1:], self.key_pool, attn_mask=mask, scale=scale)
-        if self.dense is not None:  # [heads, q, k] -> head mean -> cells x key cells
-            cell_mean, key_sum = self.dense
-            torch.matmul(torch.matmul(cell_mean, probs.mean(dim=0)), key_sum, out=out)
-        elif self.per_head:  # [heads, queries, keys] -> [heads, cells, keys]
+        if self.per_head:  # [heads, queries, keys] -> [heads, cells, keys]
             if self.query_pool is None:
                 out.copy_(probs.view(out.shape))
             else:
