@@ -18,6 +18,7 @@ from capture.recorder import (  # noqa: E402
     AttentionRecorder, LayerSelectionError, ShapeMismatchError, ShapeWarning, layer_names, native_grids,
     plan_layers, pooling_matrix, record_attention, select_layers,
 )
+from capture import recorder as recorder_mod  # noqa: E402
 from capture.toyworld.architecture import build_pipeline  # noqa: E402
 
 CONTEXT = 16
@@ -123,10 +124,14 @@ def run_unet(unet, plans, x, t, ctx):
     return out, maps
 
 
-@pytest.mark.parametrize("which", ["toy", "toy-native", "odd"])
-def test_bit_identical_and_maps_match_reference(toy, which):
-    """toy: every grid pooled; toy-native: nothing pooled (keys and queries kept); odd: 10/5/3 grids,
-    uneven pooling and a grid below the resolution."""
+@pytest.mark.parametrize("which", ["toy", "toy-sdpa", "toy-native", "odd"])
+def test_bit_identical_and_maps_match_reference(toy, which, monkeypatch):
+    """toy: every grid pooled; toy-sdpa: the same through SDPA with the key-pooling value (the GPU path);
+    toy-native: nothing pooled (keys and queries kept); odd: 10/5/3 grids, uneven pooling and a grid below the
+    resolution."""
+    if which == "toy-sdpa":
+        monkeypatch.setattr(recorder_mod, "DENSE_MAX", 0)
+        which = "toy"
     unet = odd_unet() if which == "odd" else toy.unet
     side = unet.config.sample_size
     x, t, ctx = _inputs(unet, side, unet.config.cross_attention_dim)
