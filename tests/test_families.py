@@ -142,6 +142,8 @@ def test_sdxl_end_to_end_non_square_per_head(sdxl_dir, tmp_path, monkeypatch, ca
     assert meta["family"]["name"] == "sdxl" and meta["family"]["pipeline"] == "StableDiffusionXLPipeline"
     assert meta["family"]["tokens_from"] == "tokenizer"
     assert [s["tokenizer"] for s in meta["token_sets"]] == ["tokenizer", "tokenizer_2"]
+    # both CLIP sets fill the same 77 slots (concatenated on the feature axis), read from their tokenizers
+    assert [(s["offset"], s["sequence_length"]) for s in meta["token_sets"]] == [(0, 77), (0, 77)]
     assert all(s["agrees"] for s in meta["token_sets"])
     assert meta["run"]["height"] == 32 and meta["run"]["width"] == 64
     layer = meta["layers"][0]

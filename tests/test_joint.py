@@ -187,6 +187,10 @@ def test_two_step_non_square_run_validates_strictly(models, name, tmp_path):
     if name == "sd3":  # T5 tokens sit after CLIP's 77 slots, and share the CLIP tokens' word indices
         t5 = [t for t in meta["tokens"] if t["set"] == "text_encoder_3"]
         assert t5[0]["index"] == 77 and [t["word"] for t in t5[:-1]] == list(range(7))
+    # each set's slots, from its tokenizer and the pipeline's T5 length (16 here), fill the text sequence
+    spans = [(s["offset"], s["sequence_length"]) for s in meta["token_sets"]]
+    assert spans == ([(0, 77), (77, 16)] if name == "sd3" else [(0, 16)])
+    assert sum(length for _, length in spans) == meta["context_length"]
     run = open_run(path)
     assert run.has_text and run.has_concept
     assert run.text(0, 1).shape == tuple(meta["layers"][0]["text_shape"])

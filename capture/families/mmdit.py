@@ -131,14 +131,15 @@ class MMDiTFamily(Family):
         tokens, words = clip_tokens(tokenizer, prompt)
         for tok in tokens:
             tok["set"] = encoder
-        return tokens, words, {"encoder": encoder, "tokenizer": name, "offset": 0, "length": len(tokens), "agrees": True}
+        return tokens, words, {"encoder": encoder, "tokenizer": name, "offset": 0, "length": len(tokens),
+                               "sequence_length": int(tokenizer.model_max_length), "agrees": True}
 
     def _t5_set(self, tokenizers, prompt: str, words: list[str], offset: int, encoder: str) -> tuple[list[dict], dict]:
         tokenizer = tokenizers[self.t5_tokenizer]
         tokens = t5_tokens(tokenizer, prompt, max_length=self.max_sequence_length(tokenizers), offset=offset,
                            encoder=encoder, words=words)
         return tokens, {"encoder": encoder, "tokenizer": self.t5_tokenizer, "offset": offset, "length": len(tokens),
-                        "agrees": True}
+                        "sequence_length": self.max_sequence_length(tokenizers), "agrees": True}
 
     def native_size(self, peek: Peek) -> tuple[int, int]:
         side = int(peek.denoiser.config.sample_size) * peek.vae_scale_factor

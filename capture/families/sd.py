@@ -79,7 +79,9 @@ class StableDiffusion(Family):
         sets = []
         for encoder, name in self.encoders:
             other = tokens if name == names[0] else clip_tokens(tokenizers[name], prompt)[0]
+            # every CLIP set fills the same slots (SDXL concatenates its encoders on the feature axis)
             sets.append({"encoder": encoder, "tokenizer": name, "offset": 0, "length": len(other),
+                         "sequence_length": int(tokenizers[name].model_max_length),
                          "agrees": [t["text"] for t in other] == texts})
         return TokenInfo(tokens, words, names[0], sets)
 
