@@ -74,7 +74,8 @@ compat: venv
 
 bench: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
-	@echo "== tests/bench/bench_capture.py --sdxl"; $(PY) tests/bench/bench_capture.py --sdxl
+	@echo "== tests/bench/bench_capture.py --families"; $(PY) tests/bench/bench_capture.py --families --threads 1
+	@echo "== tests/bench/bench_capture.py --mmdit-size"; $(PY) tests/bench/bench_capture.py --mmdit-size --threads 1
 
 # The shipped runs: same seed, two prompts that differ in one word.
 DATASET_SEED ?= 4
