@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     usage_errors = (ConfigError, LayerSelectionError, ModelLoadError, run.SizeLimitError, ShapeMismatchError)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # a library's own deprecation notices (diffusers' DPM-Solver on numpy 2) are not the user's to act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = show
         try:
             path = run.generate(config, progress=progress, prepared=run.prepare(config))

@@ -345,3 +345,17 @@ def test_an_edit_rewrites_the_attention_call_in_one_place(models):
     assert not torch.allclose(plain, changed)
     for layer in maps.cross.values():
         assert np.abs(layer[2]).max() == 0 and np.allclose(layer.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_generate_cli_records_pixart_and_warns_only_its_own(models, tmp_path, capsys):
+    """``diffviz generate --model FOLDER`` on PixArt-Σ: the run lands, and stderr holds diffviz's own warnings (the
+    uneven self grid), not a library's deprecation notice."""
+    from capture import cli
+
+    code = cli.main(["--model", models["pixart"], "--prompt", PROMPT, "--num-steps", "2", "--height", "48", "--width",
+                     "84", "--output-dir", str(tmp_path / "cli"), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("diffviz generate: warning: layer transformer_blocks.") for line in lines), err
+    assert open_run(tmp_path / "cli").metadata["run"]["output_size"] == [48, 84]
