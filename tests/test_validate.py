@@ -490,3 +490,50 @@ def test_v1_keeps_its_square_rule(tmp_path):
     meta["layers"][0]["cross_shape"] = [5, 8, 4]
     save_meta(root, meta)
     assert any("cross_shape [5, 8, 4] is not square" in p for p in validate_run(root))
+
+
+# --------------------------------------------------------------------------- layer kinds and step masks
+
+
+def test_an_unknown_layer_kind_is_a_problem_naming_the_known_ones(run):
+    meta = load_meta(run)
+    meta["layers"][0]["kind"] = "bogus"
+    save_meta(run, meta)
+    problems = validate_run(run)
+    known = ", ".join(contract.LAYER_KINDS)
+    assert f"metadata.json: layers[0].kind 'bogus' is not a layer kind this diffviz knows ({known})" in problems
+
+
+def test_stated_sum_rules_must_be_the_contracts(run):
+    meta = load_meta(run)
+    meta["attention"]["kinds"] = {"unet": contract.LAYER_KINDS["unet"].to_metadata()}
+    save_meta(run, meta)
+    assert validate_run(run, strict=True) == []
+    meta["attention"]["kinds"]["unet"]["sum_rules"]["self"] = "anything goes"
+    save_meta(run, meta)
+    assert any("attention.kinds['unet'].sum_rules differ from the contract's" in p for p in validate_run(run))
+
+
+def test_maps_are_checked_by_their_layers_kind_not_their_file_name(run):
+    """A joint layer's self map may sum to < 1 per row; the same map under a unet layer may not."""
+    rel = contract.self_path(0, 1)
+    halved = (read_map(run, rel) / 2).astype("<f2").tobytes()
+    replace_file(run, rel, halved)
+    assert any(p.startswith(f"{rel}: rows sum to") for p in validate_run(run))
+    meta = load_meta(run)
+    meta["layers"][0]["kind"] = "single"
+    meta["attention"]["cross"]["full_distribution"] = False
+    save_meta(run, meta)
+    assert not any(p.startswith(rel) for p in validate_run(run))
+
+
+def test_a_computed_mask_drops_the_maps_of_skipped_steps(run):
+    meta = load_meta(run)
+    meta["layers"][1]["computed"] = [True, False, True]
+    save_meta(run, meta)
+    # the step-1 maps of layer 1 are still listed: a map for a step its layer did not compute
+    assert any(p == f"{contract.cross_path(1, 1)}: a map for a step its layer did not compute (layers[].computed is "
+                    f"false)" for p in validate_run(run))
+    meta["layers"][1]["computed"] = [True, False]
+    save_meta(run, meta)
+    assert "metadata.json: layers[1].computed has 2 flags for 3 steps" in validate_run(run)
