@@ -54,11 +54,9 @@ def _key(value: Any) -> str:
     return json.dumps(value)
 
 
-def value_text(value: Any) -> str:
-    """An axis value as a label: ``7.5``, ``3``, ``red``."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return f"{value:g}" if "e" not in f"{value:g}" else str(value)
-    return str(value)
+#: An axis value as a label: ``7.5``, ``3``, ``red`` (the index refuses two values of one axis that read the same,
+#: which Bokeh would refuse as duplicate factors).
+value_text = _sweep.value_label
 
 
 def run_text(sweep_text: str, name: str) -> str:
@@ -236,11 +234,14 @@ class Sweep:
 
     def default_word(self) -> str:
         """The first word every finished run has a share for (a word the prompt template does not vary), else
-        the first word."""
-        words = self.words()
-        shares = [set(((r.get("headline") or {}).get("word_share") or {})) for r in self.done()]
-        common = [w for w in words if all(w in s for s in shares)]
-        return (common or words or [""])[0]
+        the first word. One pass over the shares (runs x words), not words x runs."""
+        counts: dict[str, int] = {}
+        done = self.done()
+        for run in done:
+            for word in ((run.get("headline") or {}).get("word_share") or {}):
+                counts[word] = counts.get(word, 0) + 1
+        common = [w for w, n in counts.items() if n == len(done)]
+        return (common or list(counts) or [""])[0]
 
     def series(self, axis: str, metric: str, word: str = "") -> dict[str, list]:
         """The index's headline figure ``metric`` of every finished run against ``axis``: ``{x: [value label],

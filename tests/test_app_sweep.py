@@ -40,11 +40,21 @@ def write_sweep(root: Path, grid: dict[str, list], *, pending: tuple[int, ...] =
         if status == "done":
             run = write_synthetic_run(root / name, steps=steps, layers=2, tokens=5, prompt=prompt,
                                       seed=int(params.get("seed", i)) + 17 * i, image_hw=(H, W), grid=(4, 6))
+            agree(run, params)
             entry["headline"] = S.headline(run)
             entry["thumbnail"] = f"{name}/images/final.png"
         runs.append(entry)
     S.write_index(root, S.index_document(template, axes, {"height": H, "width": W}, runs))
     return root
+
+
+def agree(run: Path, params: dict) -> None:
+    """Record the run's swept settings in its metadata.json as the generator does (the synthetic run's random data
+    comes from a seed of its own, so that runs of one seed still differ)."""
+    meta_path = run / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["run"].update({k: params[k] for k in S.RUN_FIELDS if k in params})
+    meta_path.write_text(json.dumps(meta))
 
 
 def packed(path: Path) -> np.ndarray:
