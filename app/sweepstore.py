@@ -13,6 +13,7 @@ Plain numpy (and PIL for the thumbnails, as the reader), so it runs in the Pyodi
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 from collections import OrderedDict
@@ -411,8 +412,49 @@ def open_sweep(text: str, opener: Callable[[str], RunData] | None = None) -> Swe
     if text.startswith(UPLOAD_PREFIX):
         raise DatasetError("a picked folder opens as one run; open a sweep by its folder or URL")
     source = _reader.as_source(_location(text))
-    doc = _sweep.parse_index(source.read_bytes(_sweep.SWEEP_FILE, _sweep.MAX_INDEX_BYTES))
-    return Sweep(doc, text, source, opener)
+    return Sweep(_read_index(source), text, source, opener)
+
+
+def _read_index(source: Any) -> dict:
+    """The checked index. Whether it is refused or read, what reading it took (up to the index's caps: the bytes,
+    their text, a refused parse) is handed back to the system before this returns, so that a server's memory goes
+    back to rest (:func:`release_memory`); a refusal is raised again without the frames that held that data."""
+    doc = problem = None
+    try:
+        doc = _sweep.parse_index(source.read_bytes(_sweep.SWEEP_FILE, _sweep.MAX_INDEX_BYTES))
+    except DatasetError as exc:
+        problem = str(exc)
+    release_memory()  # here: the refusal's traceback, and the data its frames held, are gone
+    if problem is not None:
+        raise DatasetError(problem)
+    return doc
+
+
+def _libc() -> Any:
+    """glibc's functions, or None (macOS, Pyodide)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except (ImportError, OSError):
+        return None
+
+
+#: glibc's M_MMAP_THRESHOLD: blocks from 1 MiB up are mapped on their own and unmapped when freed. By default
+#: glibc raises the threshold to the largest block freed so far (up to 32 MiB), after which an index's bytes and
+#: text come from a heap that keeps them: a server that read a refused 19 MB index stayed 70 MB above rest.
+_M_MMAP_THRESHOLD = -3
+_LIBC = _libc()
+if _LIBC is not None:
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_memory() -> None:
+    """Collect garbage, then ask glibc to return the freed heap memory to the system (a no-op without glibc)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def is_sweep_folder(text: str) -> bool:
