@@ -1,7 +1,8 @@
 """Benchmark: a 16-run toy sweep (4 colours x 4 seeds, 10 steps, 32x32) on the local executor (one process)
-against the Ray executor (a local cluster, 2 workers), one torch thread per worker on both.
+against the Ray executor (a local cluster, 2 workers), one torch thread per worker on both; then the index at
+its caps (see INDEX below).
 
-    python tests/bench/bench_sweep.py [--runs-per-axis 4] [--num-steps 10] [--workers 2]
+    python tests/bench/bench_sweep.py [--runs-per-axis 4] [--num-steps 10] [--workers 2] [--index-only]
 
 Prints, for each executor, runs/s and the overhead per run: wall time / runs minus one run's generate time
 measured in this process with the pipeline already loaded (so model loads, cluster start, actor start, the
@@ -60,6 +61,72 @@ def single_run_seconds(steps: int, tmp: Path, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+#: The index at its caps, each read in a fresh process (time, and peak RSS from the kernel): the largest valid index
+#: (10,000 runs, 64 of 1,024 words each, 1,700-character prompts: 32 MB) through read_index and the dashboard's
+#: open_sweep, layout and plot series; and the worst refusals (a 32 MiB file of escaped quotes for the scan, 700,000
+#: settings for a parse refused after it).
+INDEX = r"""
+import itertools, json, os, resource, sys, time
+from export import sweep as S
+kind, folder = sys.argv[1], sys.argv[2]
+if kind == "write-valid":
+    axes = {"colour": [f"c{i}" for i in range(10)], "seed": list(range(100)), "cfg_scale": [1.5 + i for i in range(10)]}
+    template = "x" * 1700 + " {colour}"
+    runs = []
+    for i, combo in enumerate(itertools.product(*axes.values())):
+        params = dict(zip(axes, combo))
+        name = f"r{i:05d}-" + "-".join(f"{k}-{v}" for k, v in params.items())
+        share = {f"word{(i * 7 + k) % 1024:04d}": 0.01 for k in range(64)}
+        runs.append({"name": name, "params": params, "prompt": template.format(**params), "status": "done", "error": None,
+                     "headline": {"final_latent_norm": 12.3, "word_share": share}, "thumbnail": f"{name}/images/final.png"})
+    S.write_index(folder, S.index_document(template, [{"name": k, "values": v} for k, v in axes.items()], {}, runs))
+    raise SystemExit(0)
+if kind == "write-quotes":
+    open(os.path.join(folder, "sweep.json"), "wb").write(b'["' + b'\\"' * ((S.MAX_INDEX_BYTES - 8) // 2) + b'"]')
+    raise SystemExit(0)
+if kind == "write-settings":
+    body = ",".join(f'"k{i:09d}":"v{i:09d}"' for i in range(700_000))
+    open(os.path.join(folder, "sweep.json"), "w").write('{"sweep_version": 1, "base": {' + body + '}}')
+    raise SystemExit(0)
+t = time.perf_counter()
+try:
+    if kind == "dashboard":
+        from app.sweepstore import open_sweep
+        sweep = open_sweep(folder)
+        sweep.layout(*sweep.default_axes())
+        sweep.series("cfg_scale", "word_share", sweep.default_word())
+    else:
+        S.read_index(folder)
+    what = "read"
+except Exception as exc:
+    what = "refused: " + str(exc)[:70]
+print(json.dumps({"seconds": time.perf_counter() - t, "mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "what": what}))
+"""
+
+
+def index_at_caps(tmp: Path) -> list[str]:
+    """One line per case of :data:`INDEX`: seconds and peak RSS of a fresh process reading it."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, "-c", INDEX, *args], env=env, check=True,  # noqa: E731
+                                       capture_output=True, text=True).stdout
+    lines = []
+    for case, reader in (("valid", "read_index"), ("valid", "dashboard"), ("quotes", "read_index"),
+                         ("settings", "read_index")):
+        folder = tmp / f"index-{case}"
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            run(f"write-{case}", str(folder))
+        got = json.loads(run(reader, str(folder)))
+        size = (folder / "sweep.json").stat().st_size / 1e6
+        lines.append(f"{case:9s} {size:5.1f} MB  {reader:10s}: {got['seconds']:5.2f} s, peak RSS {got['mb']:4.0f} MB"
+                     f"  ({got['what']})")
+    return lines
+
+
 def timed_sweep(argv: list[str]) -> float:
     from capture.sweep import cli
 
@@ -76,10 +143,16 @@ def main() -> int:
     p.add_argument("--runs-per-axis", type=int, default=4, choices=range(1, 5))
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--index-only", action="store_true", help="only the index at its caps")
     a = p.parse_args()
     runs = a.runs_per_axis ** 2
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     try:
+        print("sweep.json at its caps (a fresh process each):")
+        for line in index_at_caps(tmp):
+            print("  " + line)
+        if a.index_only:
+            return 0
         single = single_run_seconds(a.num_steps, tmp)
         base = sweep_args(a.runs_per_axis, a.num_steps)
         local = timed_sweep(base + ["--out", str(tmp / "local")])
