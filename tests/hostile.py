@@ -1145,28 +1145,18 @@ def pending_run_garbage(root: Path) -> None:
     (run / "metadata.json").write_text("{")
 
 
-def prompt_not_template(root: Path) -> None:
-    doc = load_index(root)
-    doc["runs"][2]["prompt"] = "a blue circle"
-    save_index(root, doc)
+def _edit_index(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        doc = load_index(root)
+        edit(doc)
+        save_index(root, doc)
+    return damage
 
 
-def template_attribute(root: Path) -> None:
-    doc = load_index(root)
-    doc["template"] = "a {colour.__class__} circle"
-    save_index(root, doc)
-
-
-def run_name_traversal(root: Path) -> None:
-    doc = load_index(root)
-    doc["runs"][0]["name"] = "../outside"
-    save_index(root, doc)
-
-
-def thumbnail_outside(root: Path) -> None:
-    doc = load_index(root)
-    doc["runs"][0]["thumbnail"] = doc["runs"][2]["thumbnail"]
-    save_index(root, doc)
+prompt_not_template = _edit_index(lambda d: d["runs"][2].update(prompt="a blue circle"))
+template_attribute = _edit_index(lambda d: d.update(template="a {colour.__class__} circle"))
+run_name_traversal = _edit_index(lambda d: d["runs"][0].update(name="../outside"))
+thumbnail_outside = _edit_index(lambda d: d["runs"][0].update(thumbnail=d["runs"][2]["thumbnail"]))
 
 
 def run_fifo_for_figure(root: Path) -> None:
