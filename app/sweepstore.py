@@ -3,10 +3,11 @@
 * :func:`open_sweep` reads a sweep's index (``export.sweep.read_index``: every count, length and name bounded
   and checked before anything else looks at it) from a folder or a URL.
 * :class:`Sweep` lays the runs out along two of the swept axes (:meth:`Sweep.layout`: which run sits at
-  which grid cell, the other axes held at one value each), gives the headline figures of the index per
-  parameter (:meth:`Sweep.series`), and reads, lazily and only for the cells shown, each run's thumbnail
-  (bounded read, PNG header checked before decoding) and one word's DAAM map (the run opened through
-  ``app.store``, its existing aggregate over all layers and steps).
+  which grid cell, a page of a long axis at a time, the other axes held at one value each), gives the headline
+  figures of the index per parameter (:meth:`Sweep.series`), and reads, lazily and only for the cells shown,
+  each run's ``metadata.json`` (:meth:`Sweep.check`: does it agree with its entry), thumbnail (bounded read, PNG
+  header checked before decoding) and one word's DAAM map (the run opened through ``app.store``, its existing
+  aggregate over all layers and steps).
 * :class:`SweepStore` holds the sweep of a session (a param the view watches).
 
 Plain numpy (and PIL for the thumbnails, as the reader), so it runs in the Pyodide worker too.

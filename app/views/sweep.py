@@ -9,10 +9,13 @@ headline figures against a parameter.
 * Click a cell to pick its run; picking a second opens the two in Compare (``State.dataset`` and
   ``State.compare``) and switches to that tab. "Open picked run" shows a single pick in the other tabs.
 
+* A long axis is paged: 12 values at a time, chosen by "Rows shown" / "Columns shown"; the plots take an axis's
+  first 100 values. A cell whose run disagrees with its index entry is not drawn (``Sweep.check``).
+
 Everything is one figure per panel, built once: the cells are glyphs of one figure whose sources and ranges are
 replaced when the layout changes. Named models: ``sweep-grid-figure``, ``sweep-cells`` (one row per cell: row,
-col, run, status, centre x/y), ``sweep-thumbs`` (image_rgba), ``sweep-maps`` (image), ``sweep-picked``,
-``sweep-norm``/``sweep-share`` (dots) and ``sweep-norm-mean``/``sweep-share-mean``.
+col, run, status, centre x/y), ``sweep-thumbs`` (image_rgba), ``sweep-maps`` (image), ``sweep-cell-borders``,
+``sweep-picked``, ``sweep-norm``/``sweep-share`` (dots) and ``sweep-norm-mean``/``sweep-share-mean``.
 """
 from __future__ import annotations
 
