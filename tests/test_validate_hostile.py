@@ -17,7 +17,7 @@ import pytest
 
 from tests import hostile
 
-BUILD_BUDGET_S = 10.0  # the corpus builds in ~4 s here; generous for shared CPUs
+BUILD_BUDGET_S = 15.0  # both sections build in ~5 s here; generous for shared CPUs
 
 
 @pytest.fixture(scope="module")
