@@ -331,3 +331,16 @@ def test_a_refused_huge_index_leaves_the_memory_it_took(tmp_path):
     assert r.stderr.count("values, over the cap") == 4
     got = json.loads(r.stdout)
     assert got["after"] - got["rest"] < 20 * 2**20, got
+
+
+def test_a_closed_session_drops_its_sweep_without_redrawing(sweep_dir):
+    from app.shell import Dashboard
+    from app.state import State
+
+    board = Dashboard(State(dataset=str(sweep_dir)), sync_url=False)
+    board.main()
+    view = board.sweep
+    cells = dict(view.cell_source.data)
+    view._forget(None)  # what panel serve calls when the session is destroyed
+    assert board.sweeps.sweep is None and view._layout is None
+    assert view.cell_source.data == cells  # no view update on a document that is going away

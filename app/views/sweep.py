@@ -32,7 +32,7 @@ from bokeh.plotting import figure
 from panel.io.document import hold
 
 from app.store import one_line
-from app.sweepstore import MAX_COLS, MAX_ROWS, NO_AXIS, Layout, Sweep, SweepStore, value_text
+from app.sweepstore import MAX_COLS, MAX_ROWS, NO_AXIS, Layout, Sweep, SweepStore, release_memory, value_text
 from app.views.common import CSS, PALETTES, RUN_COLOURS, View, display_image, guarded, held, rgba, style, with_save
 from export.contract import DatasetError
 
@@ -173,6 +173,8 @@ class SweepView(View):
         self.share_fig = self._headline_figure("sweep-share-figure", "Word share", "share", self.share_source, self.share_mean, "#dd8452")
 
         self.sweeps.param.watch(self._on_sweep, "sweep")
+        if pn.state.curdoc is not None:  # under panel serve: a closed session's index goes back to the system
+            pn.state.on_session_destroyed(self._forget)
         state.param.watch(self._on_layout, ["sweep_rows", "sweep_cols", "sweep_fixed", "sweep_show", "sweep_word"])
         state.param.watch(self._on_headline, ["sweep_x", "sweep_word"])
         state.param.watch(self._on_runs_shown, ["dataset", "compare"])
@@ -230,6 +232,13 @@ class SweepView(View):
                 with hold():
                     self.state.sweep_fixed = {**self.state.sweep_fixed, axis: event.new}
         return write
+
+    def _forget(self, session_context: Any) -> None:  # Bokeh checks the callback's one argument
+        """The session is gone: drop its sweep (no view update) and return the freed memory (``release_memory``)."""
+        with param.parameterized.discard_events(self.sweeps):
+            self.sweeps.sweep = None
+        self._layout, self.picked = None, []
+        release_memory()
 
     def _on_page(self, _event: Any) -> None:
         if not self._syncing:
