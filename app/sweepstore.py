@@ -3,16 +3,18 @@
 * :func:`open_sweep` reads a sweep's index (``export.sweep.read_index``: every count, length and name bounded
   and checked before anything else looks at it) from a folder or a URL.
 * :class:`Sweep` lays the runs out along two of the swept axes (:meth:`Sweep.layout`: which run sits at
-  which grid cell, the other axes held at one value each), gives the headline figures of the index per
-  parameter (:meth:`Sweep.series`), and reads, lazily and only for the cells shown, each run's thumbnail
-  (bounded read, PNG header checked before decoding) and one word's DAAM map (the run opened through
-  ``app.store``, its existing aggregate over all layers and steps).
+  which grid cell, a page of a long axis at a time, the other axes held at one value each), gives the headline
+  figures of the index per parameter (:meth:`Sweep.series`), and reads, lazily and only for the cells shown,
+  each run's ``metadata.json`` (:meth:`Sweep.check`: does it agree with its entry), thumbnail (bounded read, PNG
+  header checked before decoding) and one word's DAAM map (the run opened through ``app.store``, its existing
+  aggregate over all layers and steps).
 * :class:`SweepStore` holds the sweep of a session (a param the view watches).
 
 Plain numpy (and PIL for the thumbnails, as the reader), so it runs in the Pyodide worker too.
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 from collections import OrderedDict
@@ -42,8 +44,12 @@ RUN_CACHE_ITEMS = 8
 RUN_CACHE_MB = 16
 #: Word maps kept (one small ``[h, w]`` array each).
 WORD_MAP_ITEMS = 512
-#: The most rows and columns of small multiples drawn at once (the rest are named in the layout's note).
+#: The most rows and columns of small multiples drawn at once: a page (the layout's note names the rest).
 MAX_ROWS = MAX_COLS = 12
+#: Finished runs checked for the one the other tabs open with (a sweep of mislabelled runs opens its first).
+FIRST_TRIES = 16
+#: The most values of one parameter on a headline plot's x axis (the first ones; the title says so).
+MAX_PLOT_VALUES = 100
 #: ``rows`` / ``cols`` value meaning "no axis" (a single row or column).
 NO_AXIS = ""
 METRICS = ("final_latent_norm", "word_share")
@@ -54,11 +60,9 @@ def _key(value: Any) -> str:
     return json.dumps(value)
 
 
-def value_text(value: Any) -> str:
-    """An axis value as a label: ``7.5``, ``3``, ``red``."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return f"{value:g}" if "e" not in f"{value:g}" else str(value)
-    return str(value)
+#: An axis value as a label: ``7.5``, ``3``, ``red`` (the index refuses two values of one axis that read the same,
+#: which Bokeh would refuse as duplicate factors).
+value_text = _sweep.value_label
 
 
 def run_text(sweep_text: str, name: str) -> str:
@@ -101,6 +105,11 @@ class Layout:
     fixed: dict
     cells: list[Cell]
     clipped: str = ""
+    #: the page shown along each axis (``MAX_ROWS`` / ``MAX_COLS`` values each) and how many pages it has
+    row_page: int = 0
+    col_page: int = 0
+    row_pages: int = 1
+    col_pages: int = 1
 
     def cell(self, row: int, col: int) -> Cell | None:
         return next((c for c in self.cells if c.row == row and c.col == col), None)
@@ -122,6 +131,8 @@ class Sweep:
         self._thumbs: OrderedDict = OrderedDict()
         self._opened: OrderedDict = OrderedDict()
         self._word_maps: OrderedDict = OrderedDict()
+        #: run name -> what is wrong with it against the index (None: it agrees); see :meth:`check`
+        self._checked: dict[str, str | None] = {}
 
     # ---- names ---------------------------------------------------------------------------
 
@@ -146,7 +157,16 @@ class Sweep:
         return [r for r in self.runs if r["status"] == _sweep.STATUS_DONE]
 
     def first_done(self) -> dict | None:
-        return next(iter(self.done()), None)
+        """The first finished run that agrees with the index (:meth:`check`; the first few are tried), else the
+        first finished run: the run the other tabs show when the sweep opens."""
+        done = self.done()
+        for run in done[:FIRST_TRIES]:
+            try:
+                self.check(run)
+                return run
+            except DatasetError:
+                continue
+        return next(iter(done), None)
 
     def counts(self) -> dict[str, int]:
         return {s: sum(r["status"] == s for r in self.runs) for s in _sweep.STATUSES}
@@ -200,17 +220,24 @@ class Sweep:
             index = index * size + k
         return index, self.runs[index]
 
-    def layout(self, rows: str, cols: str, fixed: dict | None = None) -> Layout:
-        """Which run sits at which cell: row ``r`` holds the ``r``-th value of ``rows``, column ``c`` the ``c``-th
-        of ``cols``; at most :data:`MAX_ROWS` x :data:`MAX_COLS` cells (the note names what is left out)."""
+    def layout(self, rows: str, cols: str, fixed: dict | None = None, row_page: int = 0, col_page: int = 0) -> Layout:
+        """Which run sits at which cell: row ``r`` holds the ``r``-th value of ``rows`` on page ``row_page``,
+        column ``c`` the ``c``-th of ``cols`` on ``col_page``; pages of :data:`MAX_ROWS` x :data:`MAX_COLS` cells
+        (a page past the last is the last; the note names what is shown)."""
         rows, cols, held = self.fit(rows, cols, fixed)
         row_values = self.values(rows) if rows != NO_AXIS else [None]
         col_values = self.values(cols) if cols != NO_AXIS else [None]
-        clipped = []
-        for axis, values, cap in ((rows, row_values, MAX_ROWS), (cols, col_values, MAX_COLS)):
-            if len(values) > cap:
-                clipped.append(f"the first {cap} of {len(values)} values of {axis}")
-        row_values, col_values = row_values[:MAX_ROWS], col_values[:MAX_COLS]
+        clipped, pages = [], []
+        for axis, values, cap, page in ((rows, row_values, MAX_ROWS, row_page), (cols, col_values, MAX_COLS, col_page)):
+            count = -(-len(values) // cap)
+            page = min(max(int(page), 0), count - 1)
+            pages.append((page, count))
+            if count > 1:
+                first = page * cap
+                clipped.append(f"values {first + 1}–{min(first + cap, len(values))} of {len(values)} of {axis}")
+        (row_page, row_pages), (col_page, col_pages) = pages
+        row_values = row_values[row_page * MAX_ROWS:(row_page + 1) * MAX_ROWS]
+        col_values = col_values[col_page * MAX_COLS:(col_page + 1) * MAX_COLS]
         cells = []
         for r, rv in enumerate(row_values):
             for c, cv in enumerate(col_values):
@@ -223,7 +250,8 @@ class Sweep:
                 cells.append(Cell(r, c, index, run))
         return Layout(rows=rows, cols=cols, row_values=row_values if rows != NO_AXIS else [],
                       col_values=col_values if cols != NO_AXIS else [], fixed=held, cells=cells,
-                      clipped=" and ".join(clipped))
+                      clipped=" and ".join(clipped), row_page=row_page, col_page=col_page, row_pages=row_pages,
+                      col_pages=col_pages)
 
     # ---- headline figures -------------------------------------------------------------------
 
@@ -236,20 +264,30 @@ class Sweep:
 
     def default_word(self) -> str:
         """The first word every finished run has a share for (a word the prompt template does not vary), else
-        the first word."""
-        words = self.words()
-        shares = [set(((r.get("headline") or {}).get("word_share") or {})) for r in self.done()]
-        common = [w for w in words if all(w in s for s in shares)]
-        return (common or words or [""])[0]
+        the first word. One pass over the shares (runs x words), not words x runs."""
+        counts: dict[str, int] = {}
+        done = self.done()
+        for run in done:
+            for word in ((run.get("headline") or {}).get("word_share") or {}):
+                counts[word] = counts.get(word, 0) + 1
+        common = [w for w, n in counts.items() if n == len(done)]
+        return (common or list(counts) or [""])[0]
+
+    def plot_values(self, axis: str) -> list:
+        """The values of ``axis`` a headline plot shows: its first :data:`MAX_PLOT_VALUES`."""
+        return self.values(axis)[:MAX_PLOT_VALUES]
 
     def series(self, axis: str, metric: str, word: str = "") -> dict[str, list]:
         """The index's headline figure ``metric`` of every finished run against ``axis``: ``{x: [value label],
-        y: [figure], run: [name], params: [the other axes]}``; runs without that figure are left out."""
+        y: [figure], run: [name], params: [the other axes]}``; runs without that figure, and runs at a value past
+        :meth:`plot_values`, are left out."""
         if metric not in METRICS:
             raise DatasetError(f"unknown headline figure {metric!r} (known: {', '.join(METRICS)})")
-        self.values(axis)
+        shown = {_key(v) for v in self.plot_values(axis)}
         out: dict[str, list] = {"x": [], "y": [], "run": [], "params": []}
         for run in self.done():
+            if _key(run["params"][axis]) not in shown:
+                continue
             headline = run.get("headline") or {}
             value = headline.get("final_latent_norm") if metric == "final_latent_norm" else (headline.get("word_share") or {}).get(word)
             if value is None:
@@ -263,7 +301,7 @@ class Sweep:
     def means(self, axis: str, series: dict[str, list]) -> dict[str, list]:
         """The mean of ``series`` at each value of ``axis`` that has one: ``{x, y}`` in the axis's order."""
         out: dict[str, list] = {"x": [], "y": []}
-        for value in map(value_text, self.values(axis)):
+        for value in map(value_text, self.plot_values(axis)):
             ys = [y for x, y in zip(series["x"], series["y"]) if x == value]
             if ys:
                 out["x"].append(value)
@@ -271,6 +309,24 @@ class Sweep:
         return out
 
     # ---- what the cells show ------------------------------------------------------------------
+
+    def check(self, run: dict) -> None:
+        """Raise :class:`DatasetError` (one line naming the run) unless the run's own ``metadata.json`` agrees with
+        its index entry (``export.sweep.disagreement``: prompt, seed, swept settings), the check ``diffviz validate``
+        and ``build-site`` make of a sweep: a swapped folder, or a run another job wrote over, is never drawn under
+        the index's labels. Read once per run, bounded (a run folder linked from outside the sweep is refused)."""
+        name = str(run["name"])
+        if name not in self._checked:
+            rel = f"{name}/{contract.METADATA_FILE}"
+            try:
+                data = self.source.read_bytes(rel, contract.MAX_JSON_BYTES[contract.METADATA_FILE])
+                meta = bounded.parse_json(rel, data)
+                problem = _sweep.disagreement(run, meta)
+                self._checked[name] = f"{name}: {problem}" if problem else None
+            except DatasetError as exc:
+                self._checked[name] = str(exc) if str(exc).startswith(name) else f"{name}: {exc}"
+        if self._checked[name]:
+            raise DatasetError(self._checked[name])
 
     def thumbnail(self, run: dict) -> np.ndarray | None:
         """The run's thumbnail (its ``images/final.png``), uint8 ``[h, w, 3]`` with a long side of at most
@@ -308,6 +364,7 @@ class Sweep:
         if name in self._opened:
             self._opened.move_to_end(name)
             return self._opened[name]
+        self.check(run)
         data = self._opened[name] = self._open(self.run_text(run))
         while len(self._opened) > RUN_CACHE_ITEMS:
             self._opened.popitem(last=False)
@@ -356,8 +413,49 @@ def open_sweep(text: str, opener: Callable[[str], RunData] | None = None) -> Swe
     if text.startswith(UPLOAD_PREFIX):
         raise DatasetError("a picked folder opens as one run; open a sweep by its folder or URL")
     source = _reader.as_source(_location(text))
-    doc = _sweep.parse_index(source.read_bytes(_sweep.SWEEP_FILE, _sweep.MAX_INDEX_BYTES))
-    return Sweep(doc, text, source, opener)
+    return Sweep(_read_index(source), text, source, opener)
+
+
+def _read_index(source: Any) -> dict:
+    """The checked index. Whether it is refused or read, what reading it took (up to the index's caps: the bytes,
+    their text, a refused parse) is handed back to the system before this returns, so that a server's memory goes
+    back to rest (:func:`release_memory`); a refusal is raised again without the frames that held that data."""
+    doc = problem = None
+    try:
+        doc = _sweep.parse_index(source.read_bytes(_sweep.SWEEP_FILE, _sweep.MAX_INDEX_BYTES))
+    except DatasetError as exc:
+        problem = str(exc)
+    release_memory()  # here: the refusal's traceback, and the data its frames held, are gone
+    if problem is not None:
+        raise DatasetError(problem)
+    return doc
+
+
+def _libc() -> Any:
+    """glibc's functions, or None (macOS, Pyodide)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except (ImportError, OSError):
+        return None
+
+
+#: glibc's M_MMAP_THRESHOLD: blocks from 1 MiB up are mapped on their own and unmapped when freed. By default
+#: glibc raises the threshold to the largest block freed so far (up to 32 MiB), after which an index's bytes and
+#: text come from a heap that keeps them: a server that read a refused 19 MB index stayed 70 MB above rest.
+_M_MMAP_THRESHOLD = -3
+_LIBC = _libc()
+if _LIBC is not None:
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_memory() -> None:
+    """Collect garbage, then ask glibc to return the freed heap memory to the system (a no-op without glibc)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def is_sweep_folder(text: str) -> bool:

@@ -49,7 +49,10 @@ def _what(mode: int) -> str:
 def open_regular(root: str | os.PathLike, relpath: str, *, limit: int, expect: int | None = None) -> Iterator[BinaryIO]:
     """``root/relpath`` opened for reading, if it is a regular file inside ``root`` of at most ``limit`` bytes
     (and exactly ``expect`` bytes when given). Symlinks inside the run are followed; links out are refused."""
-    full = contract.resolve_inside(root, relpath)
+    try:
+        full = contract.resolve_inside(root, relpath)
+    except (RuntimeError, OSError) as exc:  # Path.resolve raises RuntimeError on a symlink loop
+        raise DatasetError(f"{relpath}: unreadable ({'a symlink loop' if 'loop' in str(exc).lower() else exc})") from None
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(full, flags)
@@ -129,51 +132,95 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def json_structure_problem(data: bytes, depth: int = contract.MAX_JSON_DEPTH,
-                           max_string: int = contract.MAX_STRING_CHARS) -> str | None:
-    """What is wrong with the nesting or string lengths of JSON text (UTF-8 bytes), or None.
+#: bytes scanned at a time by :func:`json_structure_problem` (its arrays stay a few times this size)
+SCAN_CHUNK = 1 << 20
 
-    Vectorised over the bytes, so it costs milliseconds on the largest allowed document: real quotes are
-    those not escaped by an odd run of backslashes; brackets between a pair of them are inside a string.
+
+def json_structure_problem(data: bytes, depth: int = contract.MAX_JSON_DEPTH,
+                           max_string: int = contract.MAX_STRING_CHARS, max_items: int | None = None) -> str | None:
+    """What is wrong with the nesting, string lengths or item count of JSON text (UTF-8 bytes), or None.
+
+    Vectorised over the bytes, chunk by chunk (memory a few MB whatever the size), so it costs milliseconds on the
+    largest allowed document: real quotes are those not escaped by an odd run of backslashes; brackets and commas
+    between a pair of them are inside a string. ``max_items`` bounds the values the parser would build (commas
+    and opening brackets outside strings, an upper bound of the values and keys less one), since a parsed value
+    costs 50-100 bytes where its text may cost two.
     """
     b = np.frombuffer(data, np.uint8)
-    quotes = np.flatnonzero(b == 34)
-    if quotes.size:
-        escaped = np.zeros(quotes.size, bool)
-        for i in np.flatnonzero(b[np.maximum(quotes - 1, 0)] == 92):  # rare: a quote after a backslash
-            run, at = 0, int(quotes[i]) - 1
-            while at >= 0 and b[at] == 92:
-                run, at = run + 1, at - 1
-            escaped[i] = run % 2 == 1
-        quotes = quotes[~escaped]
-    brackets = np.flatnonzero((b == 91) | (b == 123) | (b == 93) | (b == 125))
-    outside = np.searchsorted(quotes, brackets, side="right") % 2 == 0
-    brackets = brackets[outside]
-    if brackets.size:
-        step = np.where((b[brackets] == 91) | (b[brackets] == 123), 1, -1).astype(np.int32)
-        if int(np.cumsum(step).max()) > depth:
-            return f"nested deeper than {depth} levels"
-    starts, ends = quotes[0::2], quotes[1::2]
-    n = min(starts.size, ends.size)
-    for i in np.flatnonzero(ends[:n] - starts[:n] - 1 > max_string):  # raw length bounds the decoded one
-        try:
-            length = len(json.loads(data[starts[i]:ends[i] + 1]))
-        except ValueError:
-            continue  # the parser names it
-        if length > max_string:
-            return f"a string of {length} characters, over the cap of {max_string}"
+    quotes_before = 0           # real quotes before the chunk: odd while a string is open
+    open_start = -1             # where the open string started
+    plain_before = -1           # the last byte before the chunk that is not a backslash
+    level = items = 0
+    for at in range(0, b.size, SCAN_CHUNK):
+        chunk = b[at:at + SCAN_CHUNK]
+        quotes = np.flatnonzero(chunk == 34)
+        backslash = chunk == 92
+        if quotes.size and (backslash.any() or plain_before != at - 1):  # a backslash here or just before
+            # a quote is escaped by an odd run of backslashes before it: the run's length is the distance to the
+            # last byte that is not a backslash (carried over from the chunks before)
+            plain = np.where(backslash, -1, np.arange(at, at + chunk.size))
+            plain[0] = max(int(plain[0]), plain_before)
+            plain = np.maximum.accumulate(plain)
+            last_plain = np.where(quotes > 0, plain[np.maximum(quotes - 1, 0)], plain_before)
+            quotes = quotes[(quotes + at - 1 - last_plain) % 2 == 0]
+        if not backslash[-1]:
+            plain_before = at + chunk.size - 1
+        elif not backslash.all():
+            plain_before = at + int(np.flatnonzero(~backslash)[-1])
+        odd = quotes_before % 2
+
+        def outside(positions: np.ndarray) -> np.ndarray:
+            return (np.searchsorted(quotes, positions, side="right") + odd) % 2 == 0
+
+        brackets = np.flatnonzero((chunk == 91) | (chunk == 123) | (chunk == 93) | (chunk == 125))
+        brackets = brackets[outside(brackets)]
+        if brackets.size:
+            opening = (chunk[brackets] == 91) | (chunk[brackets] == 123)
+            levels = np.cumsum(np.where(opening, 1, -1).astype(np.int32)) + level
+            if int(levels.max()) > depth:
+                return f"nested deeper than {depth} levels"
+            level = int(levels[-1])
+            items += int(np.count_nonzero(opening))
+        if max_items is not None:
+            commas = np.flatnonzero(chunk == 44)
+            items += int(np.count_nonzero(outside(commas)))
+            if items > max_items:
+                return f"more than {max_items} values, over the cap"
+        marks = quotes.astype(np.int64) + at
+        if odd:
+            marks = np.concatenate(([open_start], marks))
+        starts, ends = marks[0::2], marks[1::2]
+        open_start = int(marks[-1]) if marks.size % 2 else -1
+        quotes_before += quotes.size
+        for i in np.flatnonzero(ends - starts[:ends.size] - 1 > max_string):  # raw length bounds the decoded one
+            raw = int(ends[i] - starts[i] - 1)
+            if raw > 12 * max_string:  # no character takes more than 12 bytes (an escaped surrogate pair)
+                return f"a string of {raw} bytes, over the cap of {max_string} characters"
+            try:
+                length = len(json.loads(data[starts[i]:ends[i] + 1]))
+            except ValueError:
+                continue  # the parser names it
+            if length > max_string:
+                return f"a string of {length} characters, over the cap of {max_string}"
     return None
 
 
-def parse_json(name: str, data: bytes | str, *, depth: int = contract.MAX_JSON_DEPTH) -> Any:
-    """``data`` as JSON, or DatasetError naming what is wrong (see the module docstring)."""
-    try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    except UnicodeDecodeError:
-        raise DatasetError(f"{name}: not UTF-8 text") from None
-    problem = json_structure_problem(data if isinstance(data, bytes) else text.encode("utf-8", "surrogatepass"), depth)
+def parse_json(name: str, data: bytes | str, *, depth: int = contract.MAX_JSON_DEPTH,
+               max_items: int | None = None) -> Any:
+    """``data`` as JSON, or DatasetError naming what is wrong (see the module docstring); ``max_items``: see
+    :func:`json_structure_problem`."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    # the bytes are scanned before they are decoded: a decoded string may take four times their size
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    problem = json_structure_problem(raw, depth, max_items=max_items)
+    del raw
     if problem:
         raise DatasetError(f"{name}: not valid JSON ({problem})")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise DatasetError(f"{name}: not UTF-8 text") from None
     try:
         return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:

@@ -181,10 +181,25 @@ def as_source(source: Any) -> Source:
         return FolderSource(source)
     if isinstance(source, str):
         scheme = urlsplit(source).scheme.lower()
+        if scheme == "file" and not in_pyodide():
+            return FolderSource(file_url_path(source))
         if scheme in ("http", "https", "file") or (in_pyodide() and len(scheme) != 1):
             return URLSource(source)
         return FolderSource(source)
     raise DatasetError(f"cannot open a run from {type(source).__name__}")
+
+
+def file_url_path(url: str) -> str:
+    """The local folder a ``file://`` URL names. It is read as a folder, through the bounded reader (urllib would
+    open a FIFO and wait on it, and read a file of any size)."""
+    from urllib.request import url2pathname
+
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise DatasetError(f"{url}: a file URL on another host ({parts.netloc}) cannot be read")
+    if parts.query or parts.fragment:
+        raise DatasetError(f"{url}: a file URL with a query or fragment")
+    return url2pathname(parts.path)
 
 
 # ============================================================================ cache

@@ -747,10 +747,11 @@ def validate_run(path: str | os.PathLike, strict: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="diffviz validate",
-        description="Check a run folder against the dataset contract. One line per problem; exit 0 if valid, 1 if not.",
+        description="Check a run folder, or a sweep folder (sweep.json and its finished runs), against the dataset "
+                    "contract. One line per problem; exit 0 if valid, 1 if not.",
         epilog=STRICT_RULE,
     )
-    parser.add_argument("dir", help="the run folder")
+    parser.add_argument("dir", help="the run folder, or a sweep folder")
     parser.add_argument("--strict", action="store_true", help="treat warnings as problems")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when the run is valid")
     args = parser.parse_args(argv)
@@ -762,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         why = "no such folder" if not root.exists() else "not a folder"
         print(f"diffviz validate: error: {args.dir}: {why}", file=sys.stderr)
         return 2
+    from export import validate_sweep
+
+    if validate_sweep.looks_like_sweep(root):  # a sweep folder: its index, its finished runs, their agreement
+        return validate_sweep.main(root, args.dir, strict=args.strict, quiet=args.quiet)
     report = check_run(root)
     problems = report.problems + (report.warnings if args.strict else [])
     for line in problems:

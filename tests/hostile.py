@@ -12,9 +12,15 @@ nodes and symlinks to ``/dev/zero``.
         result = zygote.run("validate", corpus["fifo_metadata"], hostile.CASES_BY_NAME["fifo_metadata"].args)
     hostile.judge(case, result)                    # [] when handled as expected, else what went wrong
 
-``python -m tests.hostile`` builds everything into a temporary folder, runs the validator on each
-case exactly as ``tests/test_validate_hostile.py`` does (memory cap, 10 s, strict UTF-8 stdout) and
-prints a markdown table: case | expected | exit code | seconds | peak RSS | outcome.
+The sweep section (issue 25) damages copies of a tiny sweep instead (four synthetic runs, one pending): numbers,
+labels, caps, the index file itself, the runs against their index entries, and ``file://`` URLs. Each case runs
+``diffviz validate SWEEP`` (or ``export-figure``) and ``export.sweep.read_index``.
+
+``python -m tests.hostile`` builds everything into a temporary folder, runs each case exactly as
+``tests/test_validate_hostile.py`` does (memory cap, 10 s, strict UTF-8 stdout) with this checkout's code and
+with the code of the commit before issue 25 (``--before REF``, extracted with ``git archive``), and prints a
+markdown table per section: case | expected | before | after | exit | seconds | peak RSS | reader before |
+reader after; then the worst time and memory of each group.
 
 Expected messages use the keyword table of the hardening spec (case-insensitive substrings);
 an ``expect`` element that is a tuple means "any one of these".
@@ -78,14 +84,20 @@ class Case:
     expect: tuple = ()                          # each: a keyword, or a tuple of alternatives
     forbid: tuple = ()                          # keywords that must not appear
     args: tuple[str, ...] = ()                  # e.g. ("--strict",)
-    reader: bool = False                        # also: export.reader.open_run must raise DatasetError
+    reader: bool = False                        # also: the section's reader must answer `reader_expect`
     note: str = ""
+    section: str = "run"                        # "run": a damaged run; "sweep": a damaged sweep folder
+    group: str = ""                             # the sweep section's groups (worst time and memory per group)
+    kind: str = "validate"                      # the command judged: "validate" (diffviz validate) or "figure"
+    reader_expect: str = "DatasetError"         # "DatasetError" or "OK"
+    url: bool = False                           # the reader is given a file:// URL, not the path
 
     @property
     def expected(self) -> str:
         words = " + ".join("|".join(k) if isinstance(k, tuple) else k for k in self.expect)
         flags = " ".join(self.args)
-        return f"exit {self.exit}{' ' + flags if flags else ''}{': ' + words if words else ''}"
+        what = "" if self.kind == "validate" else f"{self.kind} "
+        return f"{what}exit {self.exit}{' ' + flags if flags else ''}{': ' + words if words else ''}"
 
 
 # ============================================================================ small helpers
@@ -923,6 +935,305 @@ CASES_BY_NAME = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "duplicate case names"
 
 
+# ============================================================================ the sweep section (issue 25)
+# A sweep of four synthetic runs (colour red/green x seed 0/1; run 1 pending), each case damaging a copy of it.
+SWEEP_GRID = {"colour": ["red", "green"], "seed": [0, 1]}
+SWEEP_FILE = "sweep.json"
+BIG_INT = "9" * 4000
+
+
+def load_index(root: Path) -> dict:
+    return json.loads((root / SWEEP_FILE).read_text())
+
+
+def save_index(root: Path, doc: Any) -> None:
+    (root / SWEEP_FILE).write_text(json.dumps(doc))
+
+
+def _index_raw(edit: Callable[[dict], None], raw: str) -> Callable[[Path], None]:
+    """Edit the index, then replace the string "__RAW__" in it with raw JSON text."""
+    def damage(root: Path) -> None:
+        doc = load_index(root)
+        edit(doc)
+        (root / SWEEP_FILE).write_text(json.dumps(doc).replace('"__RAW__"', raw))
+    return damage
+
+
+def _entries(names_params: Sequence[tuple[str, dict]], template: str, **extra: Any) -> list[dict]:
+    out = []
+    for name, params in names_params:
+        entry = {"name": name, "params": params, "prompt": template.format(**params), "status": "done", "error": None,
+                 "headline": {"final_latent_norm": 1.0, "word_share": {}}, "thumbnail": None}
+        entry.update(extra)
+        out.append(entry)
+    return out
+
+
+def _seed_grid(root: Path, seeds: int, words: Callable[[int], dict] | None = None) -> None:
+    """An index (no run folders) of one colour and ``seeds`` seeds, every run done."""
+    doc = load_index(root)
+    doc["grid"] = [{"name": "colour", "values": ["red"]}, {"name": "seed", "values": list(range(seeds))}]
+    doc["runs"] = _entries([(f"r{i:05d}-seed-{i}", {"colour": "red", "seed": i}) for i in range(seeds)],
+                           doc["template"])
+    if words is not None:
+        for i, run in enumerate(doc["runs"]):
+            run["headline"]["word_share"] = words(i)
+    for name in os.listdir(root):
+        if name != SWEEP_FILE:
+            shutil.rmtree(root / name)
+    (root / SWEEP_FILE).write_text(json.dumps(doc, separators=(",", ":")))
+
+
+def sweep_int_4000_headline(root: Path) -> None:
+    _index_raw(lambda d: d["runs"][0]["headline"].update(final_latent_norm="__RAW__"), BIG_INT)(root)
+
+
+def sweep_int_4000_axis(root: Path) -> None:
+    def edit(d: dict) -> None:
+        d["grid"][1]["values"][1] = "__RAW__"
+    _index_raw(edit, BIG_INT)(root)
+
+
+def sweep_int_4000_base(root: Path) -> None:
+    _index_raw(lambda d: d["base"].update(height="__RAW__"), BIG_INT)(root)
+
+
+def sweep_int_5000_share(root: Path) -> None:
+    _index_raw(lambda d: d["runs"][0]["headline"]["word_share"].update(red="__RAW__"), "9" * 5000)(root)
+
+
+def sweep_overflow_norm(root: Path) -> None:
+    _index_raw(lambda d: d["runs"][0]["headline"].update(final_latent_norm="__RAW__"), "1e999")(root)
+
+
+def sweep_nan_share(root: Path) -> None:
+    _index_raw(lambda d: d["runs"][0]["headline"]["word_share"].update(red="__RAW__"), "NaN")(root)
+
+
+def sweep_duplicate_key(root: Path) -> None:
+    _index_raw(lambda d: d["runs"][0].update(status="__RAW__"), '"done", "status": "done"')(root)
+
+
+def sweep_deep_nesting(root: Path) -> None:
+    _index_raw(lambda d: d["base"].update(layers="__RAW__"), _deep(100_000))(root)
+
+
+def _same_labels(values: list) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        doc = load_index(root)
+        doc["grid"][1]["values"] = values
+        for run in doc["runs"]:
+            run["params"]["seed"] = values[run["params"]["seed"]]
+        save_index(root, doc)
+    return damage
+
+
+def sweep_runs_over_cap(root: Path) -> None:
+    """Two colours x 5,001 seeds: 10,002 runs, each axis under its own cap."""
+    doc = load_index(root)
+    doc["grid"] = [{"name": "colour", "values": ["red", "green"]}, {"name": "seed", "values": list(range(5001))}]
+    doc["runs"] = _entries([(f"r{i:05d}", {"colour": c, "seed": k}) for i, (c, k) in
+                            enumerate((c, k) for c in ("red", "green") for k in range(5001))], doc["template"])
+    save_index(root, doc)
+
+
+def sweep_2m_entries(root: Path) -> None:
+    """Two million small objects in a shared setting (16 MB, under the old 128 MiB cap)."""
+    _index_raw(lambda d: d["base"].update(layers="__RAW__"), "[" + ",".join(['{"n":1}'] * 2_000_000) + "]")(root)
+
+
+def sweep_1m_runs(root: Path) -> None:
+    """A million small run entries (8 MB)."""
+    _index_raw(lambda d: d.update(runs="__RAW__"), "[" + ",".join(['{"n":1}'] * 1_000_000) + "]")(root)
+
+
+def sweep_over_byte_cap(root: Path) -> None:
+    with open(root / SWEEP_FILE, "r+b") as fh:
+        fh.truncate(200 << 20)  # sparse
+
+
+def sweep_words_per_run(root: Path) -> None:
+    """500 runs x 1024 distinct words (7.6 MB): took a minute to open and built a 512,000-option selector."""
+    _seed_grid(root, 500, lambda i: {f"w{i}-{k}": 0.0005 for k in range(1024)})
+
+
+def sweep_words_across_runs(root: Path) -> None:
+    """100 runs x 64 words each, all distinct: 6,400 words, over the index's 1,024."""
+    _seed_grid(root, 100, lambda i: {f"w{i}-{k}": 0.01 for k in range(64)})
+
+
+def sweep_cap_10k_index_only(root: Path) -> None:
+    """The run cap, every run done (no folders): the index reads; validate names the missing folders."""
+    _seed_grid(root, 10_000, lambda i: {"red": 0.3, "circle": 0.2})
+
+
+def sweep_json_fifo(root: Path) -> None:
+    (root / SWEEP_FILE).unlink()
+    os.mkfifo(root / SWEEP_FILE)
+
+
+def sweep_json_dev_zero(root: Path) -> None:
+    (root / SWEEP_FILE).unlink()
+    os.symlink("/dev/zero", root / SWEEP_FILE)
+
+
+def sweep_json_loop(root: Path) -> None:
+    (root / SWEEP_FILE).unlink()
+    os.symlink(SWEEP_FILE, root / SWEEP_FILE)
+
+
+def sweep_json_folder(root: Path) -> None:
+    (root / SWEEP_FILE).unlink()
+    (root / SWEEP_FILE).mkdir()
+
+
+def sweep_json_not_utf8(root: Path) -> None:
+    (root / SWEEP_FILE).write_bytes((root / SWEEP_FILE).read_bytes().replace(b"a {colour}", b"a \xff {colour}", 1))
+
+
+def sweep_json_empty(root: Path) -> None:
+    (root / SWEEP_FILE).write_bytes(b"")
+
+
+def _run_names(root: Path) -> list[str]:
+    return [r["name"] for r in load_index(root)["runs"]]
+
+
+def run_folder_links_out(root: Path) -> None:
+    name = _run_names(root)[3]
+    outside = root.parent / f".{root.name}-outside"
+    if outside.exists():
+        shutil.rmtree(outside)
+    os.rename(root / name, outside)
+    os.symlink(outside, root / name)
+
+
+def run_folders_swapped(root: Path) -> None:
+    a, _b, c, _d = _run_names(root)
+    os.rename(root / a, root / "swap")
+    os.rename(root / c, root / a)
+    os.rename(root / "swap", root / c)
+
+
+def run_overwritten(root: Path) -> None:
+    """Another job wrote a run of seed 7 into a sweep's run folder."""
+    name = _run_names(root)[3]
+    meta = load_meta(root / name)
+    meta["run"]["seed"] = 7
+    save_meta(root / name, meta)
+
+
+def run_folder_missing(root: Path) -> None:
+    shutil.rmtree(root / _run_names(root)[2])
+
+
+def run_map_truncated(root: Path) -> None:
+    run = root / _run_names(root)[2]
+    with open(run / "attention/cross/layer_0_step_001.bin", "r+b") as fh:
+        fh.truncate(10)
+
+
+def run_metadata_fifo(root: Path) -> None:
+    run = root / _run_names(root)[0]
+    (run / "metadata.json").unlink()
+    os.mkfifo(run / "metadata.json")
+
+
+def pending_run_garbage(root: Path) -> None:
+    run = root / _run_names(root)[1]  # the pending run: its folder is not checked
+    run.mkdir()
+    (run / "metadata.json").write_text("{")
+
+
+def _edit_index(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        doc = load_index(root)
+        edit(doc)
+        save_index(root, doc)
+    return damage
+
+
+prompt_not_template = _edit_index(lambda d: d["runs"][2].update(prompt="a blue circle"))
+template_attribute = _edit_index(lambda d: d.update(template="a {colour.__class__} circle"))
+run_name_traversal = _edit_index(lambda d: d["runs"][0].update(name="../outside"))
+thumbnail_outside = _edit_index(lambda d: d["runs"][0].update(thumbnail=d["runs"][2]["thumbnail"]))
+
+
+def run_fifo_for_figure(root: Path) -> None:
+    """A run folder (not a sweep) whose metadata.json is a FIFO, for export-figure on its file:// URL."""
+    for name in os.listdir(root):
+        p = root / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    os.mkfifo(root / "metadata.json")
+
+
+def sweep_fifo_for_url(root: Path) -> None:
+    sweep_json_fifo(root)
+
+
+SW = dict(section="sweep", reader=True)
+OK = dict(reader_expect="OK")
+SWEEP_CASES: list[Case] = [
+    Case("sweep_valid", _noop, 0, ("ok: sweep",), group="control", **SW, **OK),
+    Case("sweep_valid_strict", _noop, 0, ("ok: sweep", "strict"), args=S, group="control", **SW, **OK),
+    # --- defect 1: huge integers, and the other numbers and keys
+    Case("sweep_int_4000_headline", sweep_int_4000_headline, 1, ("runs[0].headline.final_latent_norm", "4000 digits"),
+         forbid=("9" * 100,), group="numbers", note="raised OverflowError", **SW),
+    Case("sweep_int_4000_axis", sweep_int_4000_axis, 1, ("grid[1].values[1]", "4000 digits"), group="numbers", **SW),
+    Case("sweep_int_4000_base", sweep_int_4000_base, 1, ("base.height", "4000 digits"), group="numbers", **SW),
+    Case("sweep_int_5000_share", sweep_int_5000_share, 1, ("not valid json",), group="numbers", **SW),
+    Case("sweep_overflow_norm", sweep_overflow_norm, 1, ("overflows",), group="numbers", **SW),
+    Case("sweep_nan_share", sweep_nan_share, 1, ("nan",), group="numbers", **SW),
+    Case("sweep_duplicate_key", sweep_duplicate_key, 1, ("duplicate key",), group="numbers", **SW),
+    Case("sweep_deep_nesting", sweep_deep_nesting, 1, ("nested deeper",), group="numbers", **SW),
+    # --- defect 2: values that read the same
+    Case("sweep_labels_int_float", _same_labels([0, 0.0]), 1, ("read the same",), group="labels",
+         note="Bokeh refused the duplicate factor; the session died", **SW),
+    Case("sweep_labels_str_int", _same_labels(["1", 1]), 1, ("read the same",), group="labels", **SW),
+    # --- defects 3, 4, 5: sizes
+    Case("sweep_runs_over_cap", sweep_runs_over_cap, 1, ("more than 10000 runs",), group="caps", **SW),
+    Case("sweep_2m_entries", sweep_2m_entries, 1, ("values, over the cap",), group="caps",
+         note="parsed whole before the caps were checked", **SW),
+    Case("sweep_1m_runs", sweep_1m_runs, 1, ("values, over the cap",), group="caps",
+         note="parsed whole before the caps were checked", **SW),
+    Case("sweep_over_byte_cap", sweep_over_byte_cap, 1, ("over the cap",), group="caps", **SW),
+    Case("sweep_words_per_run", sweep_words_per_run, 1, ("at most 64 words",), group="caps",
+         note="the dashboard built a 512,000-option selector", **SW),
+    Case("sweep_words_across_runs", sweep_words_across_runs, 1, ("1024 distinct words",), group="caps", **SW),
+    Case("sweep_cap_10k_index_only", sweep_cap_10k_index_only, 1, ("its folder is missing", "more problem"),
+         group="caps", note="the index at the run cap reads; its 10,000 runs have no folders", **SW, **OK),
+    # --- the index file itself
+    Case("sweep_json_fifo", sweep_json_fifo, 1, (REG,), group="files", **SW),
+    Case("sweep_json_dev_zero", sweep_json_dev_zero, 1, ((OUT, REG),), group="files", **SW),
+    Case("sweep_json_loop", sweep_json_loop, 1, ("symlink loop",), forbid=("RuntimeError",), group="files", **SW),
+    Case("sweep_json_folder", sweep_json_folder, 1, (REG,), group="files", **SW),
+    Case("sweep_json_not_utf8", sweep_json_not_utf8, 1, ("not utf-8",), group="files", **SW),
+    Case("sweep_json_empty", sweep_json_empty, 1, ("not valid json",), group="files", **SW),
+    # --- the runs against the index (defect 9 and "nothing compares the index with the runs")
+    Case("run_folder_links_out", run_folder_links_out, 1, ("symlink",), group="runs",
+         note="build-site published it byte for byte", **SW, **OK),
+    Case("run_folders_swapped", run_folders_swapped, 1, ("sweep.json says prompt",), group="runs", **SW, **OK),
+    Case("run_overwritten", run_overwritten, 1, ("sweep.json says seed 1, its metadata.json 7",), group="runs", **SW, **OK),
+    Case("run_folder_missing", run_folder_missing, 1, ("its folder is missing",), group="runs", **SW, **OK),
+    Case("run_map_truncated", run_map_truncated, 1, ("r0002", "size"), group="runs", **SW, **OK),
+    Case("run_metadata_fifo", run_metadata_fifo, 1, ("r0000", REG), group="runs", **SW, **OK),
+    Case("pending_run_garbage", pending_run_garbage, 0, ("ok: sweep",), group="runs",
+         note="a pending run's folder is not a finished run", **SW, **OK),
+    Case("prompt_not_template", prompt_not_template, 1, ("runs[2].prompt", "template"), group="runs", **SW),
+    Case("template_attribute", template_attribute, 1, ("template",), group="runs", **SW),
+    Case("run_name_traversal", run_name_traversal, 1, ("runs[0].name",), group="runs", **SW),
+    Case("thumbnail_outside", thumbnail_outside, 1, ("not inside the run's folder",), group="runs", **SW),
+    # --- defect 10: file:// URLs go through the bounded reader
+    Case("sweep_file_url_fifo", sweep_fifo_for_url, 1, (REG,), group="file urls", url=True,
+         note="read_index('file://...') hung on the FIFO", **SW),
+    Case("figure_file_url_fifo", run_fifo_for_figure, 2, (REG,), group="file urls", kind="figure", url=True,
+         note="export-figure file:///run/ hung on the FIFO", section="sweep"),
+]
+CASES_BY_NAME.update({c.name: c for c in SWEEP_CASES})
+assert len(CASES_BY_NAME) == len(CASES) + len(SWEEP_CASES), "duplicate case names"
+ALL_CASES = CASES + SWEEP_CASES
+
+
 # ============================================================================ building
 def make_template(dest: Path) -> Path:
     from tests.synthetic import write_synthetic_run
@@ -930,13 +1241,24 @@ def make_template(dest: Path) -> Path:
     return write_synthetic_run(Path(dest), **TEMPLATE_KW)
 
 
+def make_sweep_template(dest: Path) -> Path:
+    from tests.test_app_sweep import write_sweep
+
+    return write_sweep(Path(dest), SWEEP_GRID, pending=(1,), steps=2)
+
+
+TEMPLATES = {"run": (".template", make_template), "sweep": (".sweep-template", make_sweep_template)}
+
+
 def build(case: Case, dest_dir: str | os.PathLike, template: Path | None = None) -> Path:
-    """A fresh copy of the template run in ``dest_dir/<case.name>``, damaged by ``case``. May raise :class:`Skip`."""
+    """A fresh copy of the section's template (a run or a sweep) in ``dest_dir/<case.name>``, damaged by ``case``.
+    May raise :class:`Skip`."""
     dest_dir = Path(dest_dir)
     if template is None:
-        template = dest_dir / ".template"
-        if not (template / "metadata.json").is_file():
-            make_template(template)
+        folder, make = TEMPLATES[case.section]
+        template = dest_dir / folder
+        if not template.is_dir():
+            make(template)
     root = dest_dir / case.name
     if root.exists() or root.is_symlink():
         shutil.rmtree(root)
@@ -945,14 +1267,15 @@ def build(case: Case, dest_dir: str | os.PathLike, template: Path | None = None)
     return root
 
 
-def build_all(dest_dir: str | os.PathLike, cases: Sequence[Case] = CASES) -> dict[str, Path | Skip | BuildFailure]:
+def build_all(dest_dir: str | os.PathLike, cases: Sequence[Case] = ALL_CASES) -> dict[str, Path | Skip | BuildFailure]:
     """Build every case; a case whose builder fails is recorded (not raised) so the rest still run."""
     dest_dir = Path(dest_dir)
-    template = make_template(dest_dir / ".template")
+    templates = {section: make(dest_dir / folder) for section, (folder, make) in TEMPLATES.items()
+                 if any(c.section == section for c in cases)}
     out: dict[str, Path | Skip | BuildFailure] = {}
     for case in cases:
         try:
-            out[case.name] = build(case, dest_dir, template)
+            out[case.name] = build(case, dest_dir, templates[case.section])
         except Skip as exc:
             out[case.name] = exc
         except Exception as exc:  # noqa: BLE001 - reported per case
@@ -961,12 +1284,12 @@ def build_all(dest_dir: str | os.PathLike, cases: Sequence[Case] = CASES) -> dic
 
 
 # ============================================================================ running
-def child_env() -> dict[str, str]:
+def child_env(root: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONIOENCODING="utf-8:strict", PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONUTF8", None)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root)  # only that checkout's packages, never this one's through an inherited path
     return env
 
 
@@ -990,7 +1313,7 @@ class Result:
 # (a fork is milliseconds); the child inherits nothing of pytest's memory (torch, Chromium drivers), which
 # would count against its address-space cap.
 ZYGOTE = r"""
-import io, json, os, resource, sys, time, traceback
+import importlib, io, json, os, resource, sys, time, traceback
 import export.validate, export.reader
 from export.contract import DatasetError
 from PIL import Image  # noqa: F401 - imported before the fork, as a real `validate` has it on first use
@@ -1004,12 +1327,19 @@ def child(job, out, err):
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="strict")
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="strict")
     code = 70
+    reading = job["kind"] in ("reader", "sweep_index")
     try:
         if job["kind"] == "validate":
             code = export.validate.main([job["path"], *job["args"]])
+        elif job["kind"] == "figure":
+            figure = importlib.import_module("export.figure")
+            code = figure.main([job["path"], "--out", job["out"] + ".png", *job["args"]])
         else:
             try:
-                export.reader.open_run(job["path"])
+                if job["kind"] == "reader":
+                    export.reader.open_run(job["path"])
+                else:
+                    importlib.import_module("export.sweep").read_index(job["path"])
                 print("OK")
             except DatasetError as exc:
                 print("DatasetError: " + str(exc)[:300])
@@ -1017,7 +1347,7 @@ def child(job, out, err):
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
-        if job["kind"] == "validate":
+        if not reading:
             traceback.print_exc()
         else:
             print("OTHER " + type(exc).__name__ + ": " + str(exc)[:300])
@@ -1058,8 +1388,9 @@ for line in sys.stdin:
 class Zygote:
     """One process that forks a capped child per case (see ZYGOTE); ``run(kind, path, args)``."""
 
-    def __init__(self, cap: int = MEMORY_CAP):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(cap)], cwd=REPO, env=child_env(),
+    def __init__(self, cap: int = MEMORY_CAP, root: Path = REPO):
+        """``root``: the checkout whose code runs (this one, or an older commit's for the "before" column)."""
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(cap)], cwd=root, env=child_env(root),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.tmp = tempfile.TemporaryDirectory(prefix="hostile-zygote-")
         self.out, self.err = Path(self.tmp.name, "out"), Path(self.tmp.name, "err")
@@ -1143,61 +1474,143 @@ def outcome(case: Case, r: Result) -> str:
     return "handled" if not judge(case, r) else "wrong"
 
 
-def judge_reader(result: str) -> list[str]:
-    """[] when ``open_run`` raised DatasetError."""
-    return [] if result.startswith("DatasetError:") else [f"open_run gave {result[:200]!r}, not DatasetError"]
+def judge_reader(result: str, expect: str = "DatasetError") -> list[str]:
+    """[] when the reader answered as expected: raised DatasetError (``expect`` "DatasetError"), or read it ("OK")."""
+    ok = result.startswith("DatasetError:") if expect == "DatasetError" else result == "OK"
+    return [] if ok else [f"the reader gave {result[:200]!r}, not {expect}"]
+
+
+READER_KIND = {"run": "reader", "sweep": "sweep_index"}
+
+
+def target(case: Case, built: Path, reader: bool = False) -> str:
+    """What the command (or the reader) is given: the folder, or for ``url`` cases its file:// URL (``validate``
+    takes folders only)."""
+    return built.as_uri() + "/" if case.url and (reader or case.kind != "validate") else os.fsdecode(built)
+
+
+def run_case(zygote: "Zygote", case: Case, built: Path) -> tuple[Result, Result | None, str | None]:
+    """The command's result, the reader's, and the reader's one-line answer (None: the case has no reader check)."""
+    r = zygote.run(case.kind, target(case, built), case.args)
+    if not case.reader:
+        return r, None, None
+    rr = zygote.run(READER_KIND[case.section], target(case, built, reader=True))
+    return r, rr, judge_reader_result(rr)
 
 
 # ============================================================================ __main__
+#: The commit before issue 25's hardening (sweeps under hostile input): the "before" column runs its code.
+BEFORE_REF = "a2a8f8ce3c34abfdce84f80f7c05fc165ba5fcc0"
+
+
 def _fmt_rss(kb: int | None) -> str:
     return "" if kb is None else f"{kb / 1024:.0f} MB"
+
+
+def checkout(ref: str, dest: Path) -> Path | str:
+    """The packages of commit ``ref`` of this repository, extracted into ``dest`` (a path), or why not (a str)."""
+    try:
+        data = subprocess.run(["git", "-C", str(REPO), "archive", ref, "export", "analysis"], capture_output=True,
+                              check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"no git history with {ref[:12]} here ({type(exc).__name__})"
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def _cell(case: Case, r: Result, reader: str | None) -> tuple[str, str]:
+    """``(outcome with its reason, reader's answer)`` for one run of a case."""
+    o = outcome(case, r)
+    why = judge(case, r) + (judge_reader(reader, case.reader_expect) if reader is not None else [])
+    if o == "handled" and why:
+        o = "wrong"
+    text = o + (f" ({'; '.join(why)[:140]})" if why and o != "handled" else "")
+    answer = "" if reader is None else ("DatasetError" if reader.startswith("DatasetError:") else reader[:60])
+    return text.replace("|", "/").replace("\n", " "), answer.replace("|", "/").replace("\n", " ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Build the hostile corpus and run the validator on every case.")
+    ap = argparse.ArgumentParser(description="Build the hostile corpus and run the validator (and the readers) on "
+                                             "every case, with this checkout's code and, for comparison, an older one's.")
     ap.add_argument("names", nargs="*", help="only these cases")
     ap.add_argument("--keep", help="build into this folder and keep it")
     ap.add_argument("--details", action="store_true", help="also print each case's output")
+    ap.add_argument("--before", default=BEFORE_REF, help="the commit of the 'before' column (default: the one "
+                                                         "before issue 25's hardening); 'none' to leave it out")
     ns = ap.parse_args(argv)
-    cases = [CASES_BY_NAME[n] for n in ns.names] if ns.names else CASES
+    cases = [CASES_BY_NAME[n] for n in ns.names] if ns.names else ALL_CASES
     tmp = None if ns.keep else tempfile.TemporaryDirectory(prefix="hostile-")
     dest = Path(ns.keep or tmp.name)
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    corpus = build_all(dest, cases)
-    build_s = time.monotonic() - t0
-    print(f"built {len(cases)} cases in {build_s:.1f} s under {dest}\n")
-    zygote = Zygote()
-    readers = {c.name: judge_reader_result(zygote.run("reader", corpus[c.name])) for c in cases
-               if c.reader and isinstance(corpus[c.name], Path)}
-    print("| case | expected | exit code | seconds | peak RSS | outcome | open_run |")
-    print("|---|---|---|---|---|---|---|")
+    corpus = build_all(dest / "corpus", cases)
+    print(f"built {len(cases)} cases in {time.monotonic() - t0:.1f} s under {dest}")
+    before_root = None if ns.before == "none" else checkout(ns.before, dest / "before")
+    if isinstance(before_root, str):
+        print(f"before: {before_root}; the 'before' column is left empty")
+        before_root = None
+    elif before_root is not None:
+        print(f"before: the code of commit {ns.before[:12]}; after: this checkout")
+    zygotes = {"after": Zygote()}
+    if before_root is not None:
+        zygotes["before"] = Zygote(root=before_root)
     tally: dict[str, int] = {}
+    worst: dict[tuple[str, str], dict[str, tuple[float, str]]] = {}
     details = []
-    for case in cases:
-        built = corpus[case.name]
-        if isinstance(built, (Skip, BuildFailure)):
-            kind = "skipped" if isinstance(built, Skip) else "build failed"
-            print(f"| {case.name} | {case.expected} | | | | {kind}: {built} | |")
-            tally[kind] = tally.get(kind, 0) + 1
+    for section in ("run", "sweep"):
+        chosen = [c for c in cases if c.section == section]
+        if not chosen:
             continue
-        r = zygote.run("validate", built, case.args)
-        o = outcome(case, r)
-        tally[o] = tally.get(o, 0) + 1
-        why = judge(case, r)
-        extra = f" ({'; '.join(why)})" if why and o == "wrong" else ""
-        rd = readers.get(case.name)
-        rd = "" if rd is None else ("DatasetError" if not judge_reader(rd) else rd[:60].replace("|", "/"))
-        print(f"| {case.name} | {case.expected} | {'' if r.rc is None else r.rc} | {r.seconds:.1f} | "
-              f"{_fmt_rss(r.peak_rss_kb)} | {o}{extra} | {rd} |".replace("\n", " "), flush=True)
-        if ns.details:
-            details.append((case.name, r))
-    print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
+        print(f"\n## {section} section ({len(chosen)} cases)\n")
+        print("| case | expected | before | after | exit | seconds | peak RSS | reader before | reader after |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for case in chosen:
+            built = corpus[case.name]
+            if isinstance(built, (Skip, BuildFailure)):
+                kind = "skipped" if isinstance(built, Skip) else "build failed"
+                print(f"| {case.name} | {case.expected} | | {kind}: {built} | | | | | |")
+                tally[kind] = tally.get(kind, 0) + 1
+                continue
+            cells = {}
+            for which, zygote in zygotes.items():
+                r, rr, reader = run_case(zygote, case, built)
+                # the case's cost: its slowest and largest job (the command, or the reader of the index)
+                seconds = max(r.seconds, rr.seconds if rr else 0.0)
+                mb = max(r.peak_rss_kb or 0, (rr.peak_rss_kb or 0) if rr else 0) / 1024
+                cells[which] = (r, seconds, mb, *_cell(case, r, reader))
+                group = worst.setdefault((section, case.group or section), {})
+                for metric, value in (("seconds", seconds), ("rss", mb)):
+                    key = f"{which} {metric}"
+                    if value >= group.get(key, (-1.0, ""))[0]:
+                        group[key] = (value, case.name)
+            r, seconds, mb, after, reader_after = cells["after"]
+            tally[after.split(" ")[0]] = tally.get(after.split(" ")[0], 0) + 1
+            before, reader_before = "", ""
+            if "before" in cells:
+                _r, b_seconds, b_mb, before, reader_before = cells["before"]
+                before += f" · {b_seconds:.1f} s, {b_mb:.0f} MB"
+            print(f"| {case.name} | {case.expected} | {before} | {after} | {'' if r.rc is None else r.rc} | "
+                  f"{seconds:.1f} | {mb:.0f} MB | {reader_before} | {reader_after} |", flush=True)
+            if ns.details:
+                details.append((case.name, r))
+    print("\nafter: " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
+    print("\nThe worst case of each group (time and peak RSS of its slowest and largest job):\n")
+    print("| section | group | seconds, after | peak RSS, after | seconds, before | peak RSS, before |")
+    print("|---|---|---|---|---|---|")
+    for (section, group), w in worst.items():
+        cols = [f"{w[k][0]:.1f} s ({w[k][1]})" if k.endswith("seconds") else f"{w[k][0]:.0f} MB ({w[k][1]})"
+                if k in w else "" for k in ("after seconds", "after rss", "before seconds", "before rss")]
+        print(f"| {section} | {group} | {' | '.join(cols)} |")
     for name, r in details:
         print(f"\n### {name}\n```\n{r.stdout[:2000]}{r.stderr[-2000:]}\n```")
-    zygote.close()
+    for zygote in zygotes.values():
+        zygote.close()
     if tmp is not None:
         tmp.cleanup()
     return 0

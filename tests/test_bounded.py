@@ -192,3 +192,28 @@ def test_list_bounds_stops_a_million_valid_numbers_before_the_schema() -> None:
     assert bounded.list_bounds("metrics.json", {"latent_norm": [1.0] * 1_000_000}) == \
         "metrics.json: a list of 1000000 values, over the cap of 1024"
     assert bounded.list_bounds("latent_pca.json", {"coords": [[[0.0] * 1025]]}).endswith("a list of 1025 values, over the cap of 1024")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_json_structure_scan_is_the_same_in_any_chunks(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = [
+        '{"a": [1, 2.5, "[{x}]", {"b": null}], "c": "\\"[", "d": "\\\\", "e": "' + "[" * 9 + '"}',
+        '["\\\\\\"", "a,b", [[[]]], {"k": "v\\\\"}, ",,,"]',
+        "[" * 9 + "]" * 9,
+        "[" * 11 + "]" * 11,
+        '{"s": "' + "x" * 40 + '", "t": "' + "\\u00e9" * 12 + '"}',
+        '[1,2,3,4,5,6,7,8,9,10,11,12]',
+    ]
+    # one check at a time (with several problems, the chunk where each shows decides which is named first)
+    checks = [dict(depth=10), dict(max_string=30), dict(max_items=5), dict(max_items=11), dict(max_items=100)]
+    for text in docs:
+        data = text.encode()
+        whole = [bounded.json_structure_problem(data, **kw) for kw in checks]
+        monkeypatch.setattr(bounded, "SCAN_CHUNK", chunk)
+        assert [bounded.json_structure_problem(data, **kw) for kw in checks] == whole, text
+        monkeypatch.undo()
+    assert bounded.json_structure_problem(docs[3].encode(), depth=10) == "nested deeper than 10 levels"
+    assert bounded.json_structure_problem(docs[4].encode(), max_string=30) == "a string of 40 characters, over the cap of 30"
+    assert bounded.json_structure_problem(docs[5].encode(), max_items=11) == "more than 11 values, over the cap"
+    assert bounded.json_structure_problem(docs[5].encode(), max_items=12) is None  # 11 commas + 1 bracket
+    assert bounded.json_structure_problem(docs[1].encode(), max_items=9) is None   # commas in strings do not count

@@ -1,4 +1,5 @@
-"""Issue 14: `python -m export.validate` on an adversarial corpus built from a synthetic run (tests/hostile.py).
+"""Issues 14 and 25: `python -m export.validate` on an adversarial corpus built from a synthetic run and a synthetic
+sweep (tests/hostile.py).
 
 Each case runs in its own process (forked from one zygote, tests/hostile.py) under a 1.5 GiB address-space
 cap, with strict UTF-8 stdout and a 10 s limit, and must exit with the expected code, name the problem with
@@ -16,7 +17,7 @@ import pytest
 
 from tests import hostile
 
-BUILD_BUDGET_S = 10.0  # the corpus builds in ~4 s here; generous for shared CPUs
+BUILD_BUDGET_S = 15.0  # both sections build in ~5 s here; generous for shared CPUs
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,12 @@ READER_CASES = [c for c in hostile.CASES if c.reader]
 def test_reader_raises_dataset_error(corpus, zygote, case):
     result = hostile.judge_reader_result(zygote.run("reader", case_dir(corpus, case)))
     assert not hostile.judge_reader(result), result
+
+
+# ---- the sweep section (issue 25): `validate SWEEP` (or export-figure on a file:// URL), then read_index
+@pytest.mark.parametrize("case", hostile.SWEEP_CASES, ids=lambda c: c.name)
+def test_hostile_sweep(corpus, zygote, case):
+    r, _reader_result, answer = hostile.run_case(zygote, case, case_dir(corpus, case))
+    problems = hostile.judge(case, r) + (hostile.judge_reader(answer, case.reader_expect) if answer is not None else [])
+    assert not problems, f"{case.name} ({case.expected}): {'; '.join(problems)}\n--- stdout\n" \
+        f"{r.stdout[:3000]}\n--- stderr\n{r.stderr[-3000:]}"

@@ -79,28 +79,26 @@ def check_dataset(path: Path) -> list[str] | None:
 
 
 def check_sweep(path: Path) -> list[str]:
-    """The names of a sweep's finished runs, once its index (``export.sweep``, bounded) and each of them
-    (``export.validate``) are valid; a sweep with none is refused. Pending and failed runs are not shipped."""
+    """The names of a sweep's finished runs, once the sweep passes ``diffviz validate``'s checks of a sweep
+    (``export.validate_sweep``: the bounded index; each finished run a real folder inside the sweep, valid, and
+    agreeing with its index entry); a sweep with none is refused. Pending and failed runs are not shipped."""
     from export.contract import DatasetError
     from export.sweep import STATUS_DONE, by_status, read_index
-    from export.validate import validate_run
+    from export.validate_sweep import check_finished_run
 
     try:
         doc = read_index(path)
     except DatasetError as exc:
         raise SiteError(f"--dataset {path}: invalid sweep: {exc}", usage=True) from None
-    done = [str(run["name"]) for run in by_status(doc, STATUS_DONE)]
+    done = by_status(doc, STATUS_DONE)
     if not done:
         raise SiteError(f"--dataset {path}: the sweep has no finished run to publish", usage=True)
-    for name in done:
-        if not (path / name / "metadata.json").is_file():
-            raise SiteError(f"--dataset {path}: sweep.json calls run {name} finished, but {name}/metadata.json is missing",
-                            usage=True)
-        problems = validate_run(path / name)
+    for entry in done:
+        problems = check_finished_run(path, entry, strict=False)
         if problems:
-            more = f" (and {len(problems) - 1} more; run diffviz validate {path / name})" if len(problems) > 1 else ""
-            raise SiteError(f"--dataset {path}: invalid run {name}: {problems[0]}{more}", usage=True)
-    return done
+            more = f" (and {len(problems) - 1} more; run diffviz validate {path})" if len(problems) > 1 else ""
+            raise SiteError(f"--dataset {path}: invalid run {problems[0]}{more}", usage=True)
+    return [str(entry["name"]) for entry in done]
 
 
 def shipped_files(path: Path, runs: list[str] | None) -> Iterator[Path]:

@@ -9,10 +9,13 @@ headline figures against a parameter.
 * Click a cell to pick its run; picking a second opens the two in Compare (``State.dataset`` and
   ``State.compare``) and switches to that tab. "Open picked run" shows a single pick in the other tabs.
 
+* A long axis is paged: 12 values at a time, chosen by "Rows shown" / "Columns shown"; the plots take an axis's
+  first 100 values. A cell whose run disagrees with its index entry is not drawn (``Sweep.check``).
+
 Everything is one figure per panel, built once: the cells are glyphs of one figure whose sources and ranges are
 replaced when the layout changes. Named models: ``sweep-grid-figure``, ``sweep-cells`` (one row per cell: row,
-col, run, status, centre x/y), ``sweep-thumbs`` (image_rgba), ``sweep-maps`` (image), ``sweep-picked``,
-``sweep-norm``/``sweep-share`` (dots) and ``sweep-norm-mean``/``sweep-share-mean``.
+col, run, status, centre x/y), ``sweep-thumbs`` (image_rgba), ``sweep-maps`` (image), ``sweep-cell-borders``,
+``sweep-picked``, ``sweep-norm``/``sweep-share`` (dots) and ``sweep-norm-mean``/``sweep-share-mean``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from bokeh.plotting import figure
 from panel.io.document import hold
 
 from app.store import one_line
-from app.sweepstore import NO_AXIS, Layout, Sweep, SweepStore, value_text
+from app.sweepstore import MAX_COLS, MAX_ROWS, NO_AXIS, Layout, Sweep, SweepStore, release_memory, value_text
 from app.views.common import CSS, PALETTES, RUN_COLOURS, View, display_image, guarded, held, rgba, style, with_save
 from export.contract import DatasetError
 
@@ -41,10 +44,13 @@ HELP = ("<b>How to read this.</b> Each cell is one run of the sweep: rows and co
         "pick opens both in Compare runs.")
 #: Space between cells, as a fraction of a cell.
 GAP = 0.08
-#: The grid's width on screen (px) and the bounds of one cell's side.
-GRID_PX, CELL_MIN_PX, CELL_MAX_PX = 900, 60, 180
+#: The grid's frame width on screen (px; with its axis it fits the main column at 1280 px) and the bounds of one
+#: cell's side.
+GRID_PX, CELL_MIN_PX, CELL_MAX_PX = 840, 60, 180
 SHOW = {"final image": "image", "word map": "word map"}
 NONE_LABEL = "(none)"
+#: Cell borders: white images on a white page still read as separate cells.
+BORDER = "#8c8c8c"
 
 
 def _centre(k: int) -> float:
@@ -91,6 +97,8 @@ class SweepView(View):
         #: picked run names, oldest first (two open Compare)
         self.picked: list[str] = []
         self._layout: Layout | None = None
+        #: why cells of the last layout drawn could not be (one line each)
+        self._problems: list[str] = []
 
         self.help = pn.pane.HTML(f"<p class='dv-help'>{HELP}</p>", sizing_mode="stretch_width", stylesheets=[CSS], margin=(0, 10))
         self.status = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[CSS], css_classes=["dv-sweep-status"])
@@ -101,6 +109,11 @@ class SweepView(View):
         self.word = pn.widgets.Select(label="Word", options=[""], width=140, tags=["dv:sweep-word"])
         self.x_axis = pn.widgets.Select(label="Plot against", options=[""], width=160, tags=["dv:sweep-x"])
         self._fixed: dict[str, pn.widgets.Select] = {}
+        # pages of a long axis (shown only when it has more values than a page holds)
+        self.row_page = pn.widgets.Select(label="Rows shown", options={"": 0}, width=150, visible=False,
+                                          tags=["dv:sweep-row-page"])
+        self.col_page = pn.widgets.Select(label="Columns shown", options={"": 0}, width=150, visible=False,
+                                          tags=["dv:sweep-col-page"])
         self.open_one = pn.widgets.Button(label="Open picked run", width=140, margin=(23, 5, 5, 5), disabled=True,
                                           tags=["dv:sweep-open"])
         self.close = pn.widgets.Button(label="Close sweep", width=110, margin=(23, 5, 5, 5), tags=["dv:sweep-close"])
@@ -109,6 +122,8 @@ class SweepView(View):
         self.word.param.watch(self._on_widget("sweep_word"), "value")
         self.x_axis.param.watch(self._on_widget("sweep_x"), "value")
         self.show.param.watch(self._on_widget("sweep_show"), "value")
+        for page in (self.row_page, self.col_page):
+            page.param.watch(self._on_page, "value")
         self.open_one.on_click(held(lambda _e: self._open_picked()))
         self.close.on_click(lambda _e: setattr(self.state, "sweep", ""))
         # wraps: a sweep of many axes has one selector per held axis (set with the sweep, see _controls)
@@ -132,6 +147,8 @@ class SweepView(View):
         self.grid_fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.map_source, color_mapper=self.mapper)
         self.grid_fig.text("x", "y", text="note", source=self.cell_source, text_align="center", text_baseline="middle",
                            text_font_size="10pt", text_color="#555555")
+        self.grid_fig.rect("x", "y", width=1, height=1, source=self.cell_source, fill_alpha=0, line_color=BORDER,
+                           line_width=1, name="sweep-cell-borders")
         self.grid_fig.rect("x", "y", width=1 + GAP / 2, height=1 + GAP / 2, source=self.picked_source, fill_alpha=0,
                            line_color="color", line_width=4)
         self.grid_fig.text("x", "y", text="label", source=self.picked_source, text_color="color", text_font_style="bold",
@@ -156,6 +173,8 @@ class SweepView(View):
         self.share_fig = self._headline_figure("sweep-share-figure", "Word share", "share", self.share_source, self.share_mean, "#dd8452")
 
         self.sweeps.param.watch(self._on_sweep, "sweep")
+        if pn.state.curdoc is not None:  # under panel serve: a closed session's index goes back to the system
+            pn.state.on_session_destroyed(self._forget)
         state.param.watch(self._on_layout, ["sweep_rows", "sweep_cols", "sweep_fixed", "sweep_show", "sweep_word"])
         state.param.watch(self._on_headline, ["sweep_x", "sweep_word"])
         state.param.watch(self._on_runs_shown, ["dataset", "compare"])
@@ -187,7 +206,8 @@ class SweepView(View):
         )
 
     def _controls(self) -> list[Any]:
-        return [self.rows, self.cols, *self._fixed.values(), self.show, self.word, self.open_one, self.close]
+        return [self.rows, self.cols, self.row_page, self.col_page, *self._fixed.values(), self.show, self.word,
+                self.open_one, self.close]
 
     @property
     def sweep(self) -> Sweep | None:
@@ -213,6 +233,17 @@ class SweepView(View):
                     self.state.sweep_fixed = {**self.state.sweep_fixed, axis: event.new}
         return write
 
+    def _forget(self, session_context: Any) -> None:  # Bokeh checks the callback's one argument
+        """The session is gone: drop its sweep (no view update) and return the freed memory (``release_memory``)."""
+        with param.parameterized.discard_events(self.sweeps):
+            self.sweeps.sweep = None
+        self._layout, self.picked = None, []
+        release_memory()
+
+    def _on_page(self, _event: Any) -> None:
+        if not self._syncing:
+            self._on_layout()
+
     # ---- updates ----------------------------------------------------------------------------------
 
     def refresh(self) -> None:
@@ -223,6 +254,7 @@ class SweepView(View):
         """A new sweep: its selectors, then everything drawn."""
         sweep = self.sweep
         self.picked = []
+        self._layout = None
         if sweep is None:
             self.status.object = "<p class='dv-note'>No sweep open. Open a folder or URL holding a sweep.json.</p>"
             self._blank()
@@ -264,6 +296,7 @@ class SweepView(View):
 
     def _blank(self) -> None:
         self._layout = None
+        self._problems = []
         for source, columns in ((self.cell_source, CELL_COLUMNS), (self.thumb_source, IMAGE_COLUMNS),
                                 (self.map_source, IMAGE_COLUMNS)):
             source.data = _empty(*columns)
@@ -285,12 +318,23 @@ class SweepView(View):
         sweep, state = self.sweep, self.state
         rows = state.sweep_rows if state.sweep_rows is not None else sweep.default_axes()[0]
         cols = state.sweep_cols if state.sweep_cols is not None else sweep.default_axes()[1]
-        layout = self._layout = sweep.layout(rows, cols, state.sweep_fixed)
+        old = self._layout
+        same = old is not None and (old.rows, old.cols) == (rows, cols)  # a new axis starts at its first page
+        layout = self._layout = sweep.layout(rows, cols, state.sweep_fixed, self.row_page.value if same else 0,
+                                             self.col_page.value if same else 0)
         word = self._word()
         self._syncing = True
         try:
             self.rows.value = layout.rows or NONE_LABEL
             self.cols.value = layout.cols or NONE_LABEL
+            for widget, axis, page, pages, cap in (
+                    (self.row_page, layout.rows, layout.row_page, layout.row_pages, MAX_ROWS),
+                    (self.col_page, layout.cols, layout.col_page, layout.col_pages, MAX_COLS)):
+                if pages > 1:
+                    n = len(sweep.values(axis))
+                    widget.options = {f"{k * cap + 1}–{min((k + 1) * cap, n)} of {n}": k for k in range(pages)}
+                widget.value = page if pages > 1 else 0
+                widget.visible = pages > 1
             self.show.value = state.sweep_show
             self.word.value = word if word in self.word.options else self.word.options[0]
             for name, widget in self._fixed.items():
@@ -302,7 +346,7 @@ class SweepView(View):
         self.word.visible = bool(sweep.words())
 
         n_rows, n_cols = max(len(layout.row_values), 1), max(len(layout.col_values), 1)
-        cell_px = int(min(CELL_MAX_PX, max(CELL_MIN_PX, GRID_PX // n_cols)))
+        cell_px = int(min(CELL_MAX_PX, max(CELL_MIN_PX, GRID_PX / (n_cols * (1 + GAP)))))  # the gaps count too
         fig = self.grid_fig
         x0, x1 = _extent(n_cols)
         y0, y1 = _extent(n_rows)
@@ -326,6 +370,7 @@ class SweepView(View):
             note = "" if cell.done else cell.run["status"]
             if cell.done:
                 try:
+                    sweep.check(cell.run)
                     picture = sweep.word_map(cell.run, word) if word_maps else sweep.thumbnail(cell.run)
                 except Exception as exc:  # noqa: BLE001 - this cell only; the banner names the file
                     problems.append(one_line(exc))
@@ -355,6 +400,7 @@ class SweepView(View):
         held_at = " · ".join(f"{k}={value_text(v)}" for k, v in layout.fixed.items() if len(sweep.values(k)) > 1)
         what = f"DAAM map of '{word}' (all layers, all steps)" if word_maps else "final images"
         fig.title.text = f"{what}" + (f" · {held_at}" if held_at else "")
+        self._problems = problems
         self._draw_picked()
         self._show_status()
         if problems:
@@ -394,6 +440,8 @@ class SweepView(View):
                          + (" — pick another run to compare" if len(self.picked) == 1 else ""))
         if layout is not None and layout.clipped:
             lines.append(f"Showing {html.escape(layout.clipped)}.")
+        if self._problems:  # kept here too: the banner clears when the next run opens
+            lines.append(f"{len(self._problems)} cell(s) not drawn: {html.escape(self._problems[0])}")
         self.status.object = "<div class='dv-note'>" + "<br>".join(lines) + "</div>"
 
     def _draw_headline(self) -> None:
@@ -407,7 +455,9 @@ class SweepView(View):
             self.x_axis.value = axis
         finally:
             self._syncing = False
-        factors = [value_text(v) for v in sweep.values(axis)]
+        values = sweep.values(axis)
+        factors = [value_text(v) for v in sweep.plot_values(axis)]
+        more = f" (its first {len(factors)} of {len(values)} values)" if len(factors) < len(values) else ""
         for fig, source, mean, metric, title in (
                 (self.norm_fig, self.norm_source, self.norm_mean, "final_latent_norm", "Final latent norm"),
                 (self.share_fig, self.share_source, self.share_mean, "word_share", f"Share of '{word}'")):
@@ -420,7 +470,7 @@ class SweepView(View):
             pad = (high - low) * 0.08 if high > low else max(abs(high) * 0.05, 0.05)
             fig.y_range.update(start=low - pad, end=high + pad)
             fig.xaxis.axis_label = axis
-            fig.title.text = f"{title} vs {axis}"
+            fig.title.text = f"{title} vs {axis}{more}"
 
     # ---- picking ----------------------------------------------------------------------------------
 

@@ -97,10 +97,65 @@ def main(argv: list[str] | None = None) -> int:
         except RayUnavailable as exc:
             return _fail(exc, 2)
 
-    from capture.sweep.ledger import Ledger, SweepRefused
+    from capture.sweep.ledger import IndexWriteError, Ledger, SweepRefused
+    from capture.sweep.lock import SweepLock, SweepLocked
 
     ledger = Ledger(out, grid, specs)
-    notes: list[str] = []
+    try:
+        ledger.check()
+    except SweepRefused as exc:
+        return _fail(exc, 2)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out: {out} exists and is not a folder", 2)
+    created = _make_folder(out)
+    if isinstance(created, str):
+        return _fail(created, 2)
+    lock = SweepLock(out)
+    try:
+        try:
+            lock.acquire()
+        except SweepLocked as exc:
+            return _fail(exc, 2)
+        return _locked(args, out, ledger, specs, lock)
+    except IndexWriteError as exc:
+        return _index_failure(exc, ledger, specs)
+    finally:
+        lock.release()
+        if created:
+            try:
+                out.rmdir()  # only if this sweep left it empty (refused before writing anything)
+            except OSError:
+                pass
+
+
+def _index_failure(exc: Exception, ledger, specs) -> int:
+    done = ledger.counts()["done"]
+    return _fail(f"{exc}; {done} of {len(specs)} runs are done and kept; free the space (or fix the cause) and run "
+                 "the same command again to resume", 1)
+
+
+def _make_folder(out: Path) -> bool | str:
+    """Create OUT (True) or find it there (False); a one-line problem when it cannot be made."""
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        return f"--out: cannot create {out} ({exc.strerror or type(exc).__name__})"
+    return True
+
+
+def _locked(args: argparse.Namespace, out: Path, ledger, specs, lock) -> int:
+    """The sweep, with OUT's lock held: tidy what killed writers left, plan, check, run."""
+    from capture.sweep.ledger import SweepRefused
+    from export import sweep as sweep_index
+    from export.writer import tidy_stale
+
+    notes: list[str] = [lock.note] if lock.note else []
+    removed = sweep_index.tidy_temps(out)
+    if removed:
+        notes.append(f"removed {len(removed)} temp file(s) of an index write that was killed ({removed[0]})")
+    tidy_stale(out, log=notes.append)  # partial runs of killed writers (their pids are gone)
     try:
         todo = ledger.plan(overwrite=args.overwrite_output, log=notes.append)
     except SweepRefused as exc:
@@ -144,6 +199,8 @@ def _prepare_all(todo, seen_warnings: set[str]) -> str | None:
 
 def _execute(args, out: Path, ledger, specs, todo, notes, seen_warnings) -> int:
     from capture.sweep.bar import SweepBar
+    from capture.sweep.ledger import IndexWriteError
+    from export.sweep import MAX_SWEEP_WORDS
     from export.writer import tidy_stale
 
     ledger.flush()
@@ -163,6 +220,7 @@ def _execute(args, out: Path, ledger, specs, todo, notes, seen_warnings) -> int:
             bar.write(f"{PROG}: run {result['name']} failed: {result.get('error')}")
 
     code = 0
+    failure: IndexWriteError | None = None
     try:
         if not todo:
             pass
@@ -180,11 +238,22 @@ def _execute(args, out: Path, ledger, specs, todo, notes, seen_warnings) -> int:
             run_local(todo, threads=args.threads, on_result=on_result, bar=bar)
     except KeyboardInterrupt:
         code = 130
+    except IndexWriteError as exc:  # the sweep stops: the runs after this one could not be indexed either
+        failure = exc
     finally:
         bar.close()
-        ledger.flush()
+        if failure is None:
+            try:
+                ledger.flush()
+            except IndexWriteError as exc:
+                failure = exc
         tidy_stale(out)  # what killed writers left beside the runs (their pids are gone)
     counts = ledger.counts()
+    if ledger.words_left_out:
+        print(f"{PROG}: note: the index keeps the shares of {MAX_SWEEP_WORDS} distinct words; the runs' own "
+              "metrics hold the rest", file=sys.stderr)
+    if failure is not None:
+        return _index_failure(failure, ledger, specs)
     if code == 130:
         return _fail(f"interrupted; {counts['done']} of {len(specs)} runs are done and kept; "
                      "the same command resumes", 130)
