@@ -17,7 +17,11 @@ Each recorded module gets a forward pre-hook and a forward hook (plain torch hoo
 unchanged; when the call is ``torch.nn.functional.scaled_dot_product_attention`` it runs it, returns its
 very output to the model, and hands the call's query, key, mask, scale and output to the layer's slot,
 which computes the maps of the conditional (last) sample beside it. The model's own processor runs
-unchanged, whatever its class, so the output is bit-identical to an unrecorded run by construction.
+unchanged, whatever its class, so the output is bit-identical to an unrecorded run by construction. A pipeline
+that calls its denoiser several times per step, one sample per call (Qwen-Image's true CFG), names the call that
+carries the conditional sample (``AttentionRecorder(denoiser_call=)``); the other calls are not observed. A module
+whose attention is not a softmax (SANA's ReLU-kernel linear attention) gets a slot that watches the torch calls its
+attention is made of instead (``capture.linear``).
 
 Why there: every diffusers attention path that forms a softmax ends in that call. ``AttnProcessor2_0`` and
 ``JointAttnProcessor2_0`` call it directly; ``FluxAttnProcessor`` and the other ``AttentionModuleMixin``
