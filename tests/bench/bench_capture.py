@@ -7,7 +7,8 @@
     python tests/bench/bench_capture.py --sd3           # the tests' tiny SD3 / Flux pipelines, 64x96, CPU
     python tests/bench/bench_capture.py --flux
     python tests/bench/bench_capture.py --pixart        # the tests' tiny PixArt-Σ pipeline, 48x84 (binned to 192x336), CPU
-    python tests/bench/bench_capture.py --families      # every tiny family above, one line each (CPU)
+    python tests/bench/bench_capture.py --families      # every tiny family above (and Qwen-Image, FLUX.2, SANA), one
+                                                        # line each (CPU)
     python tests/bench/bench_capture.py --mmdit-size    # an SD3-medium-width MM-DiT (random weights, 4 blocks), 512², CPU
     python tests/bench/bench_capture.py --flux-size     # a Flux-size transformer (random weights), 1024², fp16, CUDA:
                                                         # one forward per step, plain vs recorded, with peak memory
@@ -84,7 +85,14 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     on the device but never copies them (a diagnostic that separates compute from the per-step copy)."""
     kwargs = dict(num_inference_steps=steps, height=size[0], width=size[1], guidance_scale=7.5,
                   generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
-    if hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
+    if type(pipe).__name__ in OWN_CALL:  # the call diffviz makes (Qwen-Image: true CFG, two calls a step)
+        from capture.config import GenerateConfig
+
+        family = families.for_pipeline(pipe)
+        del kwargs["guidance_scale"]
+        kwargs.update(family.pipeline_kwargs(GenerateConfig(prompt=PROMPT, cfg_scale=4.0), family.peek_pipe(pipe)))
+        record = None if record is None else {**record, "prompt": PROMPT}
+    elif hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
         kwargs["max_sequence_length"] = 16
         if type(pipe).__name__.startswith("PixArt"):
             kwargs["clean_caption"] = False
@@ -93,11 +101,11 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
     if record is None:
-        out = pipe(PROMPT, **kwargs).images
+        out = pipe(prompt=PROMPT, **kwargs).images
     else:
         with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
             callback = rec.callback_on_step_end if collect else (lambda *a: {})
-            out = pipe(PROMPT, **families.for_pipeline(pipe).callback_kwargs(callback), **kwargs).images
+            out = pipe(prompt=PROMPT, **families.for_pipeline(pipe).callback_kwargs(callback), **kwargs).images
         assert not collect or (len(rec.steps) == steps and len(rec.steps[-1].cross) == len(rec.layers))
     if device == "cuda":
         torch.cuda.synchronize()
@@ -182,15 +190,20 @@ def flux_size(args) -> int:
 
 
 TINY = {"sdxl": ("build_sdxl", (64, 128)), "sd3": ("build_sd3", (64, 96)), "flux": ("build_flux", (64, 96)),
-        "pixart": ("build_pixart", (48, 84))}
+        "pixart": ("build_pixart", (48, 84)),
+        # tests/tiny_families.py; SANA's 384x640 is one of its 512-px bins (12x20 tokens)
+        "qwen_image": ("build_qwen_image", (64, 96)), "flux2": ("build_flux2", (64, 96)), "sana": ("build_sana", (384, 640))}
+#: pipelines timed with the keywords their family's generate passes (not the older families' fixed ones)
+OWN_CALL = {"QwenImagePipeline", "Flux2Pipeline", "SanaPipeline"}
 
 
 def tiny_pipe(name: str, device: str):
     """One of the tests' tiny random-weight pipelines, saved and loaded as a folder; (pipe, size)."""
-    from tests import tiny_pipelines
+    from tests import tiny_families, tiny_pipelines
 
     builder, size = TINY[name]
-    folder = getattr(tiny_pipelines, builder)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
+    module = tiny_pipelines if hasattr(tiny_pipelines, builder) else tiny_families
+    folder = getattr(module, builder)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
     return pipeline_mod.load_pipeline(str(folder), device), size
 
 
@@ -199,7 +212,7 @@ def families_ratios(args) -> int:
     steps, repeats = args.steps or 10, args.repeats or 5
     record = dict(max_layers=args.max_layers, resolution=32, self_resolution=16)
     print(f"recorded / plain per family, {steps} steps, median of {repeats} (process CPU time, wall in brackets)")
-    for name in ["toy", "toy-mmdit", *TINY]:
+    for name in args.only.split(",") if args.only else ["toy", "toy-mmdit", *TINY]:
         if name == "toy":
             pipe = pipeline_mod.load_pipeline(None, "cpu")
             size = pipeline_mod.native_size(pipe)
@@ -269,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--flux", action="store_true", help="the tests' tiny random-weight Flux pipeline, 64x96 (CPU)")
     p.add_argument("--pixart", action="store_true", help="the tests' tiny random-weight PixArt-Σ pipeline (CPU)")
     p.add_argument("--families", action="store_true", help="every tiny family, the recorded/plain ratio of each (CPU)")
+    p.add_argument("--only", default="", help="with --families: these families only (comma-separated: toy, "
+                                              f"toy-mmdit, {', '.join(TINY)})")
     p.add_argument("--mmdit-size", action="store_true",
                    help="an SD3-medium-width MM-DiT transformer (random weights, reduced depth), 512², CPU")
     p.add_argument("--flux-size", action="store_true",
