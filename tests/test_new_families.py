@@ -18,7 +18,7 @@ from capture import cli, families  # noqa: E402
 from capture import pipeline as pipeline_mod  # noqa: E402
 from capture.config import GenerateConfig  # noqa: E402
 from capture.recorder import AttentionRecorder, plan_layers, record_attention  # noqa: E402
-from capture.run import generate  # noqa: E402
+from capture.run import generate, prepare  # noqa: E402
 from export import validate as validate_mod  # noqa: E402
 from export.reader import open_run  # noqa: E402
 from tests.test_capture_observe import Spy, cell_mean, within_one_half_step  # noqa: E402
@@ -122,6 +122,21 @@ def test_maps_equal_a_float64_reference_of_the_very_q_and_k(folders, name, tmp_p
                 within_one_half_step(run.self_attention(layer["index"], step), ref["self"])
                 if "text" in ref:
                     within_one_half_step(run.text(layer["index"], step), ref["text"])
+    # planned from the folder's configs alone (as `generate` and the bridge's cost model do before loading): the same
+    # tokens and grids, and each observed call's (queries, keys) as the cost model counts them (Qwen-Image's text
+    # length depends on the prompt: the model counts its longest)
+    prepared = prepare(config)
+    family = families.family_named(name)
+    assert prepared.tokens.tokens == meta["tokens"] and (prepared.height, prepared.width) == run.image_size
+    for plan, layer in zip(prepared.plans, run.layers):
+        assert (plan.name, list(plan.native)) == (layer["name"], layer["native"])
+        for module, role in plan.sites:
+            queries, keys = spy.calls[f"{plan.name}.{module}"][0].shape[-2:]
+            extent = family.attention_extent(plan, role, prepared.peek.context_length)
+            if name == "qwen_image":
+                assert extent[0] >= queries and extent[1] >= keys and extent[0] - queries == 512 - meta["context_length"]
+            else:
+                assert extent == (queries, keys)
     if name == "qwen_image":   # the negative prompt's call has its own (shorter) text: it is not what was stored
         key_lengths = {calls[0].shape[-1] - calls[1].shape[-1] for calls in spy.calls.values()}
         assert key_lengths == {meta["context_length"] - 6}   # " " is 1 token + the template's 5
