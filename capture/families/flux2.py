@@ -21,13 +21,11 @@ import torch
 
 from capture.config import ConfigError
 from capture.families.base import Peek, TokenInfo
-from capture.families.mmdit import MMDiTFamily
+from capture.families.mmdit import PackedMMDiTFamily
 from capture.families.templated import piece_tokens, token_set
 
-PACK = 2  # 2x2 latent pixels per image token (the pipeline patchifies; the transformer's own patch is 1)
 
-
-class Flux2(MMDiTFamily):
+class Flux2(PackedMMDiTFamily):
     name = "flux2"
     pipeline_class = "Flux2Pipeline"
     title = "FLUX.2"
@@ -38,18 +36,8 @@ class Flux2(MMDiTFamily):
     #: the pipeline's ``max_sequence_length`` default: the text sequence always has this many slots
     max_length = 512
 
-    def token_patch(self, peek: Peek) -> int:
-        return PACK
-
     def context(self, tokenizers: dict[str, Any]) -> int:
         return self.max_length
-
-    def native_size(self, peek: Peek) -> tuple[int, int]:
-        side = 128 * peek.vae_scale_factor   # Flux2Pipeline.default_sample_size
-        return side, side
-
-    def latent_channels(self, peek: Peek) -> int:
-        return int(peek.denoiser.config.in_channels) // (PACK * PACK)
 
     def pipeline_kwargs(self, config, peek: Peek | None = None) -> dict[str, Any]:
         if config.negative_prompt:
@@ -83,12 +71,12 @@ class Flux2(MMDiTFamily):
         tokens plus the 512 text slots."""
         config = peek.denoiser.config
         width = int(config.num_attention_heads) * int(config.attention_head_dim)
-        tokens = (int(latent_shape[1]) // PACK) * (int(latent_shape[2]) // PACK) + int(peek.context_length)
+        tokens = (int(latent_shape[1]) // self.pack) * (int(latent_shape[2]) // self.pack) + int(peek.context_length)
         return 18 * tokens * width * element
 
     def unpack(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """[batch, tokens, channels*4] -> [batch, channels, h, w]: tokens are row-major over the patch grid."""
-        h, w = height // (pipe.vae_scale_factor * PACK), width // (pipe.vae_scale_factor * PACK)
+        h, w = height // (pipe.vae_scale_factor * self.pack), width // (pipe.vae_scale_factor * self.pack)
         grid = latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
         return pipe._unpatchify_latents(grid)
 

@@ -148,3 +148,20 @@ class MMDiTFamily(Family):
     def latent_channels(self, peek: Peek) -> int:
         return int(peek.denoiser.config.in_channels)
 
+
+
+class PackedMMDiTFamily(MMDiTFamily):
+    """An MM-DiT pipeline that packs 2×2 latent pixels into one image token and generates at 128 latent pixels a side
+    by default (``default_sample_size``): Flux, Qwen-Image, FLUX.2."""
+
+    pack = 2
+
+    def token_patch(self, peek: Peek) -> int:
+        return self.pack
+
+    def native_size(self, peek: Peek) -> tuple[int, int]:
+        side = 128 * peek.vae_scale_factor   # the pipeline's default_sample_size
+        return side, side
+
+    def latent_channels(self, peek: Peek) -> int:
+        return int(peek.denoiser.config.in_channels) // (self.pack * self.pack)

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from capture.families.base import Peek, TokenInfo
-from capture.families.mmdit import MMDiTFamily
+from capture.families.mmdit import PackedMMDiTFamily
 from capture.families.templated import overlapping, piece_tokens, token_set
 
-PACK = 2  # 2x2 latent pixels per image token
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,7 +38,7 @@ def _template() -> tuple[str, int, int]:
     return empty.prompt_template_encode, empty.prompt_template_encode_start_idx, empty.tokenizer_max_length
 
 
-class QwenImage(MMDiTFamily):
+class QwenImage(PackedMMDiTFamily):
     name = "qwen_image"
     pipeline_class = "QwenImagePipeline"
     title = "Qwen-Image"
@@ -49,9 +48,6 @@ class QwenImage(MMDiTFamily):
     image_first = False
     #: the pipeline's ``max_sequence_length`` default (passed explicitly, so tokens and call agree)
     max_length = 512
-
-    def token_patch(self, peek: Peek) -> int:
-        return PACK
 
     def peek(self, folder: Path) -> Peek:
         from diffusers import AutoencoderKLQwenImage
@@ -64,13 +60,6 @@ class QwenImage(MMDiTFamily):
     def context(self, tokenizers: dict[str, Any]) -> int:
         """The longest text sequence (a run's own is its prompt's length + 5, from :meth:`tokens`)."""
         return self.max_length
-
-    def native_size(self, peek: Peek) -> tuple[int, int]:
-        side = 128 * peek.vae_scale_factor   # QwenImagePipeline.default_sample_size
-        return side, side
-
-    def latent_channels(self, peek: Peek) -> int:
-        return int(peek.denoiser.config.in_channels) // (PACK * PACK)
 
     def pipeline_kwargs(self, config, peek: Peek | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"true_cfg_scale": config.cfg_scale, "max_sequence_length": self.max_length}

@@ -23,6 +23,7 @@ from typing import Any
 
 from capture.families.base import Family, Peek, TokenInfo
 from capture.families.mmdit import MMDiTFamily
+from capture.families.pixart import PixArtSigma
 from capture.families.templated import overlapping, piece_tokens, token_set
 
 #: transformer ``sample_size`` -> the aspect-ratio bins the pipeline generates at (SanaPipeline.__call__'s table)
@@ -38,14 +39,16 @@ def _instruction() -> str:
     return "\n".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default or [])
 
 
-class Sana(Family):
+class Sana(PixArtSigma):
+    """PixArt-Σ's transformer-denoiser plumbing (size, binning, grid) with SANA's own text side, kinds and call."""
+
     name = "sana"
     pipeline_class = "SanaPipeline"
     title = "SANA"
-    encoders = (("text_encoder", "tokenizer"),)
     kinds = ("linear",)
     #: the pipeline's ``max_sequence_length``: the text sequence always has this many slots
     max_length = 300
+    bins = _BINS
 
     # ------------------------------------------------------------------ architecture
     def peek(self, folder: Path) -> Peek:
@@ -56,43 +59,21 @@ class Sana(Family):
         peek.vae_scale_factor = 2 ** (len(vae.get("encoder_block_out_channels") or [0]) - 1)   # the pipeline's rule
         return peek
 
-    def peek_pipe(self, pipe) -> Peek:
-        tokenizers = {"tokenizer": pipe.tokenizer}
-        encoders = [{"name": "text_encoder", "class": type(pipe.text_encoder).__name__, "tokenizer": "tokenizer"}]
-        return Peek(pipe.transformer, int(pipe.vae_scale_factor), tokenizers, encoders, self.context(tokenizers))
-
     def context(self, tokenizers: dict[str, Any]) -> int:
         return self.max_length
-
-    def denoiser(self, pipe):
-        return pipe.transformer
-
-    def native_size(self, peek: Peek) -> tuple[int, int]:
-        side = int(peek.denoiser.config.sample_size) * peek.vae_scale_factor
-        return side, side
 
     def size_multiple(self, peek: Peek) -> int:
         return math.lcm(32, peek.vae_scale_factor * int(peek.denoiser.config.patch_size))   # check_inputs: 32
 
-    def generated_size(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
-        table = _BINS.get(int(peek.denoiser.config.sample_size))
-        if table is None:   # the pipeline raises "Invalid sample size" with binning on
-            return height, width
-        from diffusers.image_processor import PixArtImageProcessor
+    def bin_table(self, name: str) -> dict:
         from diffusers.pipelines.sana import pipeline_sana
 
-        h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=getattr(pipeline_sana, table))
-        return int(h), int(w)
-
-    def latent_grid(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
-        h, w = self.generated_size(peek, height, width)
-        return h // peek.vae_scale_factor, w // peek.vae_scale_factor
+        return getattr(pipeline_sana, name)
 
     def plan(self, peek: Peek, latent_hw: tuple[int, int], config) -> tuple[list, list[str]]:
         from capture.recorder import CROSS, ROLE_LINEAR, ROLE_SELF, SELF, choose_layers, layer_names, plan_blocks
 
-        p = int(peek.denoiser.config.patch_size)
-        grid = (latent_hw[0] // p, latent_hw[1] // p)
+        grid = self.token_grid(peek, latent_hw)
         names = choose_layers(layer_names(peek.denoiser), (SELF, CROSS), config.layers, config.max_layers)
         plans, problems = plan_blocks(peek.denoiser, names, lambda name: grid, kind="linear",
                                       cross=config.include_cross_attention, self_=config.include_self_attention,
@@ -121,8 +102,8 @@ class Sana(Family):
         return {"negative_prompt": config.negative_prompt or "", "guidance_scale": config.cfg_scale,
                 "max_sequence_length": self.max_length, "clean_caption": False}
 
-    def use_scheduler(self, pipe) -> None:
-        """The pipeline's own flow scheduler: x̂0 comes from its sigmas (:meth:`x0`)."""
+    #: SANA calls back through ``callback_on_step_end`` (PixArt-Σ only has the older ``callback``)
+    callback_kwargs = Family.callback_kwargs
 
     # ------------------------------------------------------------------ tokens
     def tokens(self, tokenizers: dict[str, Any], prompt: str) -> TokenInfo:

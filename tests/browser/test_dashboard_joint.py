@@ -53,6 +53,16 @@ def failed_titles(bp) -> list[str]:
         .filter((m) => m.title && m.title.text && String(m.title.text).startsWith('⚠')).map((m) => m.title.text)""")
 
 
+def every_tab_draws(bp, name: str) -> None:
+    """Timeline, Attention and Trajectory each drawn: no banner, no failed panel, no console error."""
+    for tab in TABS[:3]:
+        show_tab(bp, tab)
+        bp.page.wait_for_timeout(500)
+    assert banner_text(bp) == "", (name, banner_text(bp))
+    assert failed_titles(bp) == [], name
+    assert bp.errors == [], bp.errors
+
+
 def test_word_to_image_shows_the_stored_map_of_a_t5_token(page, runs, artifacts):
     show_tab(page, "Attention")
     page.page.locator(".dv-text-map").wait_for(state="visible")
@@ -131,12 +141,7 @@ def test_recorded_sd3_and_flux_runs_open_in_every_tab(page, generated):
         raw = page.array(page.wait_values("attention-text", "raw", expected)[0])
         np.testing.assert_array_equal(raw, expected)
         assert raw.shape == (8, 12)  # 32x48 pixels: SD3 16x24 image tokens pooled by 2, Flux 8x12 as they are
-        for tab in TABS[:3]:
-            show_tab(page, tab)
-            page.page.wait_for_timeout(500)
-        assert banner_text(page) == "", (name, banner_text(page))
-        assert failed_titles(page) == [], name
-    assert page.errors == [], page.errors
+        every_tab_draws(page, name)
 
 
 def test_a_recorded_pixart_run_opens_in_every_tab(page, generated):
@@ -149,12 +154,7 @@ def test_a_recorded_pixart_run_opens_in_every_tab(page, generated):
     expected = read_bin(generated["pixart"], "attention/cross/layer_0_step_001.bin")[1]   # [T, 4, 7] -> "red"
     raw = page.array(page.wait_values("attention-heat", "raw", expected)[0])
     np.testing.assert_array_equal(raw, expected)
-    for tab in TABS[:3]:
-        show_tab(page, tab)
-        page.page.wait_for_timeout(500)
-    assert banner_text(page) == "", banner_text(page)
-    assert failed_titles(page) == []
-    assert page.errors == [], page.errors
+    every_tab_draws(page, "pixart")
 
 
 @pytest.mark.parametrize("name, label, row, text", [("qwen_image", "1: red", 1, True), ("flux2", "1: red", 1, True),
@@ -174,9 +174,4 @@ def test_recorded_qwen_image_flux2_and_sana_runs_open_in_every_tab(page, generat
     if text:
         expected = read_bin(generated[name], "attention/text/layer_0_step_001.bin")[row]
         np.testing.assert_array_equal(page.array(page.wait_values("attention-text", "raw", expected)[0]), expected)
-    for tab in TABS[:3]:
-        show_tab(page, tab)
-        page.page.wait_for_timeout(500)
-    assert banner_text(page) == "", (name, banner_text(page))
-    assert failed_titles(page) == [], name
-    assert page.errors == [], page.errors
+    every_tab_draws(page, name)
