@@ -10,6 +10,7 @@
     python tests/bench/bench_capture.py --families      # every tiny family above (and Qwen-Image, FLUX.2, SANA), one
                                                         # line each (CPU)
     python tests/bench/bench_capture.py --mmdit-size    # an SD3-medium-width MM-DiT (random weights, 4 blocks), 512², CPU
+    python tests/bench/bench_capture.py --flux2-size    # FLUX.2's block structure at that width (3 blocks), 512², CPU
     python tests/bench/bench_capture.py --flux-size     # a Flux-size transformer (random weights), 1024², fp16, CUDA:
                                                         # one forward per step, plain vs recorded, with peak memory
 
@@ -250,11 +251,44 @@ def mmdit_size(args) -> int:
     inputs = dict(hidden_states=torch.randn(2, 16, 64, 64), encoder_hidden_states=torch.randn(2, text, 4096),
                   pooled_projections=torch.randn(2, 2048), timestep=torch.tensor([500.0, 500.0]))
     plans, _ = plan_joint_layers(model, (32, 32), resolution=32, self_resolution=16)
+    label = (f"SD3-medium-width MM-DiT, {depth} blocks, random weights, 1024 image + {text} text tokens, CFG batch 2, "
+             f"float32, cpu: {len(plans)} recorded blocks")
+    return forward_ratio(args, label, model, inputs, lambda: AttentionRecorder(
+        model, plans, context_length=text, positions=list(range(12)), image_first=True))
+
+
+def flux2_size(args) -> int:
+    """FLUX.2's block structure and head size (heads of 128, parallel single-stream blocks, 512 text slots, no CFG
+    batch) at SD3-medium's width (12 heads: 1536) and reduced depth (1 double + 2 single blocks), random weights, one
+    forward per step on fixed inputs at 512² (32x32 image tokens), plain and recorded (the prompt's 12 tokens)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from capture.joint import plan_joint_layers
+    from capture.recorder import AttentionRecorder
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=128, num_attention_heads=12, joint_attention_dim=3 * 1536,
+                                    axes_dims_rope=(32, 32, 32, 32)).eval()
+    text, side = 512, 32
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros(side * side), rows.flatten(), cols.flatten(), torch.zeros(side * side)], -1)
+    txt_ids = torch.stack([torch.zeros(text), torch.zeros(text), torch.zeros(text), torch.arange(text)], -1)
+    inputs = dict(hidden_states=torch.randn(1, side * side, 128), encoder_hidden_states=torch.randn(1, text, 3 * 1536),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([4.0]), img_ids=img_ids, txt_ids=txt_ids)
+    plans, _ = plan_joint_layers(model, (side, side), resolution=32, self_resolution=16)
+    label = (f"FLUX.2-structure transformer at width 1536, 1 double + 2 single blocks, random weights, "
+             f"{side * side} image + {text} text tokens, batch 1, float32, cpu: {len(plans)} recorded blocks")
+    return forward_ratio(args, label, model, inputs, lambda: AttentionRecorder(
+        model, plans, context_length=text, positions=list(range(31, 43)), image_first=False))
+
+
+def forward_ratio(args, label: str, model, inputs: dict, recorder) -> int:
+    """Median per-step time of ``model(**inputs)``, plain and with ``recorder()`` installed, alternating."""
     steps, repeats = args.steps or 3, args.repeats or 3
 
     def run(recorded: bool) -> tuple[float, float]:
-        rec = AttentionRecorder(model, plans, context_length=text, positions=list(range(12)),
-                                image_first=True) if recorded else None
+        rec = recorder() if recorded else None
         start, cpu = time.perf_counter(), time.process_time()
         forwards(model, inputs, rec, steps)
         return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
@@ -266,8 +300,7 @@ def mmdit_size(args) -> int:
         recorded.append(run(True))
     wp, wr = (statistics.median(t for t, _ in r) for r in (plain, recorded))
     cp, cr = (statistics.median(c for _, c in r) for r in (plain, recorded))
-    print(f"SD3-medium-width MM-DiT, {depth} blocks, random weights, 1024 image + {text} text tokens, CFG batch 2, "
-          f"float32, cpu: {len(plans)} recorded blocks, median of {repeats}")
+    print(f"{label}, median of {repeats}")
     print(f"plain            : {wp:.3f} s/step  ({cp:.3f} s CPU)")
     print(f"with recording   : {wr:.3f} s/step  ({cr:.3f} s CPU)")
     print(f"ratio            : {cr / cp:.3f}x cpu, {wr / wp:.3f}x wall  (target <= 1.3x)")
@@ -286,6 +319,8 @@ def main(argv=None) -> int:
                                               f"toy-mmdit, {', '.join(TINY)})")
     p.add_argument("--mmdit-size", action="store_true",
                    help="an SD3-medium-width MM-DiT transformer (random weights, reduced depth), 512², CPU")
+    p.add_argument("--flux2-size", action="store_true",
+                   help="FLUX.2's block structure at SD3-medium width (random weights, 3 blocks), 512², CPU")
     p.add_argument("--flux-size", action="store_true",
                    help="a Flux-size transformer, random weights, 1024², fp16 (CUDA; --tiny-check shrinks it for a CPU)")
     p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
@@ -306,6 +341,8 @@ def main(argv=None) -> int:
         return flux_size(args)
     if args.mmdit_size:
         return mmdit_size(args)
+    if args.flux2_size:
+        return flux2_size(args)
     if args.families:
         return families_ratios(args)
     tiny = args.sd15 and args.tiny_check
