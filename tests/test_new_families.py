@@ -266,3 +266,26 @@ def test_generate_cli_records_each_family_and_previews_decode_as_the_pipeline(fo
         data = RunData(run, "sana")
         assert data.layer_summary() == "2 (2 linear; 2 cross, 2 self, 0 text)"
         assert data.layer_label(0) == "linear · transformer_blocks.0 · 6×10"   # 12x20 tokens, pooled by 2
+
+
+def test_a_linear_layers_self_rows_may_fall_short_of_1_but_never_pass_it(tmp_path):
+    """Kind ``linear``: a head whose query meets no key has a zero row, so a stored row may sum to < 1 (a ``unet``
+    layer's may not); a row above 1 is refused, naming the linear rule."""
+    from export import contract
+    from tests.synthetic import write_synthetic_run
+    from tests.test_validate import load_meta, read_map, replace_file, save_meta
+
+    run = write_synthetic_run(tmp_path / "run", steps=2, layers=1)
+    rel = contract.self_path(0, 1)
+    rows = read_map(run, rel)
+    replace_file(run, rel, (rows * 0.75).astype("<f2").tobytes())
+    assert any(p.startswith(f"{rel}: rows sum to") for p in validate_mod.validate_run(run))
+    meta = load_meta(run)
+    meta["layers"][0]["kind"] = "linear"
+    meta["attention"]["kinds"] = {"linear": contract.LAYER_KINDS["linear"].to_metadata()}
+    save_meta(run, meta)
+    assert validate_mod.validate_run(run) == []
+    replace_file(run, rel, (rows * 1.5).astype("<f2").tobytes())
+    top = (rows * 1.5).astype("<f2").astype(np.float64).sum(axis=1).max()
+    assert [p for p in validate_mod.validate_run(run) if p.startswith(rel)] == \
+        [f"{rel}: rows reach {top:.4f} > 1 + 0.01 ({contract.LINEAR_SELF_SUM_RULE})"]
