@@ -110,9 +110,18 @@ class MMDiTFamily(Family):
         from capture.recorder import AttentionRecorder
 
         content = [is_content(tokens.tokens, [i]) for i in range(len(tokens.tokens))]
-        return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
+        return AttentionRecorder(self.denoiser(pipe), plans, context_length=self.text_length(tokens, context_length),
                                  positions=[t["index"] for t in tokens.tokens], image_first=self.image_first,
-                                 content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+                                 content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step,
+                                 denoiser_call=self.denoiser_call)
+
+    #: ``AttentionRecorder(denoiser_call=)``: which denoiser call of a step carries the conditional sample (None: one
+    #: call per step)
+    denoiser_call: int | None = None
+
+    def text_length(self, tokens: TokenInfo, context_length: int) -> int:
+        """The text sequence's length in this run (the peek's, unless it depends on the prompt)."""
+        return context_length
 
     # ------------------------------------------------------------------ latents
     def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor:

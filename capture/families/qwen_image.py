@@ -28,7 +28,6 @@ from capture.families.mmdit import PackedMMDiTFamily
 from capture.families.templated import overlapping, piece_tokens, token_set
 
 
-
 @functools.lru_cache(maxsize=1)
 def _template() -> tuple[str, int, int]:
     """The pipeline's own chat template, the positions it drops and its tokenizer's length cap."""
@@ -84,18 +83,13 @@ class QwenImage(PackedMMDiTFamily):
         return TokenInfo(tokens, words, "tokenizer",
                          [token_set(tokens, encoder="text_encoder", tokenizer="tokenizer", sequence_end=length)])
 
-    def recorder(self, pipe, plans, tokens: TokenInfo, *, context_length: int, fail_on_shape_error: bool = False,
-                 on_step=None):
-        from capture.recorder import AttentionRecorder
-        from export.words import is_content
+    #: true CFG calls the transformer twice a step: the prompt's call first, then the negative prompt's
+    denoiser_call = 0
 
+    def text_length(self, tokens: TokenInfo, context_length: int) -> int:
         if not tokens.token_sets:
             raise ValueError("Qwen-Image's text length depends on the prompt: record it with prompt=")
-        text = tokens.token_sets[0]
-        content = [is_content(tokens.tokens, [i]) for i in range(len(tokens.tokens))]
-        return AttentionRecorder(self.denoiser(pipe), plans, context_length=text["offset"] + text["sequence_length"],
-                                 positions=[t["index"] for t in tokens.tokens], image_first=False, content=content,
-                                 fail_on_shape_error=fail_on_shape_error, on_step=on_step, denoiser_call=0)
+        return tokens.token_sets[0]["offset"] + tokens.token_sets[0]["sequence_length"]
 
     def activation_bytes(self, peek: Peek, latent_shape, element: int) -> int:
         """One transformer call at a time (true CFG runs the two prompts one after the other): ~18 ``[tokens, width]``
