@@ -255,12 +255,14 @@ def test_generate_cli_records_each_family_and_previews_decode_as_the_pipeline(fo
     out = tmp_path / "cli"
     code = cli.main(["--model", folders[name], "--prompt", PROMPT, "--num-steps", "2", "--height", str(size[0]),
                      "--width", str(size[1]), "--output-dir", str(out), "--quiet", "--device", "cpu",
-                     "--attention-resolution", str(res[0]), "--self-attention-resolution", str(res[1])])
+                     "--attention-resolution", str(res[0]), "--self-attention-resolution", str(res[1]),
+                     *(["--concept-maps"] if name != "sana" else [])])
     assert code == 0, capsys.readouterr().err
     assert validate_mod.validate_run(out, strict=True) == []
     run = open_run(out)
     assert run.metadata["family"]["pipeline"] == families.family_named(name).pipeline_class
     assert "output_size" not in run.metadata["run"] and run.image_size == size
+    assert run.has_concept == (name != "sana")   # joint layers: concept maps within their rule (validated above)
     final, preview = run.final_image().astype(int), run.image(1).astype(int)
     assert final.std() > 1 and np.abs(final - preview).max() <= 1
     if name == "sana":   # the dashboard reads the new kind from the run
