@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from capture.families.base import Family, Peek, TokenInfo, clip_tokens
+from capture.families.base import Family, ModelLoadError, Peek, TokenInfo, clip_tokens
 from export.words import is_content
 
 SPACE = "\u2581"  # SentencePiece's word-start mark
@@ -68,7 +68,11 @@ class MMDiTFamily(Family):
     def peek(self, folder: Path) -> Peek:
         import diffusers
 
-        return self.peek_folder(folder, "transformer", getattr(diffusers, self.transformer_class))
+        cls = getattr(diffusers, self.transformer_class, None)
+        if cls is None:   # an older diffusers than the family needs (FLUX.2 came after the lower bound)
+            raise ModelLoadError(f"diffusers {diffusers.__version__} has no {self.transformer_class}: "
+                                 f"{self.pipeline_class} needs a newer diffusers")
+        return self.peek_folder(folder, "transformer", cls)
 
     def peek_pipe(self, pipe) -> Peek:
         tokenizers = {t: getattr(pipe, t) for _, t in self.encoders if getattr(pipe, t, None) is not None}
