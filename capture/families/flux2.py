@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from capture.config import ConfigError
-from capture.families.base import Peek, TokenInfo
+from capture.families.base import ModelLoadError, Peek, TokenInfo
 from capture.families.mmdit import PackedMMDiTFamily
 from capture.families.templated import piece_tokens, token_set
 
@@ -57,7 +57,8 @@ class Flux2(PackedMMDiTFamily):
         tokenizer = getattr(chat, "tokenizer", chat)   # a processor (the real PixtralProcessor) wraps its tokenizer
         open_, close = (tokenizer.convert_tokens_to_ids(tag) for tag in ("[INST]", "[/INST]"))
         if open_ not in ids:
-            raise ValueError(f"FLUX.2's chat template gave no [INST] token in its {self.max_length} slots")
+            raise ModelLoadError(f"FLUX.2's tokenizer gave no [INST] token in its {self.max_length} slots: its chat "
+                                 f"template is not Mistral's")
         start = ids.index(open_) + 1
         stop = ids.index(close, start) if close in ids[start:] else start + sum(mask[start:])   # cut at max_length
         words: list[str] = []
