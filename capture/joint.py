@@ -39,11 +39,12 @@ KINDS = {"transformer_blocks": "joint", "single_transformer_blocks": "single"}
 
 
 def joint_layer_names(transformer) -> list[str]:
-    """The transformer's blocks with an ``attn`` processor, double-stream first (data-flow order)."""
+    """The transformer's blocks with an ``attn`` processor, double-stream first (data-flow order). Read from the
+    modules, not ``attn_processors``, which some transformers lack in older diffusers (Qwen-Image in 0.35)."""
     names = []
-    for proc in transformer.attn_processors:
-        parts = proc.split(".")
-        if len(parts) == 4 and parts[0] in KINDS and parts[2] == ATTN and parts[3] == "processor":
+    for name, module in transformer.named_modules():
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] in KINDS and parts[2] == ATTN and hasattr(module, "processor"):
             names.append(".".join(parts[:2]))
     order = list(KINDS)
     return sorted(names, key=lambda n: (order.index(n.split(".")[0]), int(n.split(".")[1])))

@@ -17,7 +17,11 @@ Each recorded module gets a forward pre-hook and a forward hook (plain torch hoo
 unchanged; when the call is ``torch.nn.functional.scaled_dot_product_attention`` it runs it, returns its
 very output to the model, and hands the call's query, key, mask, scale and output to the layer's slot,
 which computes the maps of the conditional (last) sample beside it. The model's own processor runs
-unchanged, whatever its class, so the output is bit-identical to an unrecorded run by construction.
+unchanged, whatever its class, so the output is bit-identical to an unrecorded run by construction. A pipeline
+that calls its denoiser several times per step, one sample per call (Qwen-Image's true CFG), names the call that
+carries the conditional sample (``AttentionRecorder(denoiser_call=)``); the other calls are not observed. A module
+whose attention is not a softmax (SANA's ReLU-kernel linear attention) gets a slot that watches the torch calls its
+attention is made of instead (``capture.linear``).
 
 Why there: every diffusers attention path that forms a softmax ends in that call. ``AttnProcessor2_0`` and
 ``JointAttnProcessor2_0`` call it directly; ``FluxAttnProcessor`` and the other ``AttentionModuleMixin``
@@ -69,8 +73,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 SELF, CROSS = "attn1", "attn2"
-#: the roles of an observed attention module (``LayerPlan.sites``)
-ROLE_SELF, ROLE_CROSS, JOINT = "self", "cross", "joint"
+#: the roles of an observed attention module (``LayerPlan.sites``); ``linear``: a softmax-free self-attention
+#: (SANA's ReLU kernel, ``capture.linear``), whose slot a family supplies (``AttentionRecorder(slot_types=)``)
+ROLE_SELF, ROLE_CROSS, JOINT, ROLE_LINEAR = "self", "cross", "joint", "linear"
 #: On the CPU a pooled self map is cheaper from the materialised [heads, q, k] probabilities (head mean,
 #: then two small matmuls) than from SDPA with the [keys, cells] pooling matrix as a wide value, up to
 #: this many elements (float32: 128 MB); past it, and on GPUs, SDPA keeps the map unmaterialised.
@@ -325,7 +330,11 @@ class _Slot:
 
     Subclasses set ``queries``/``keys`` (the planned sequence lengths), take their parts in ``__init__`` and
     implement :meth:`record` (from the call's ``[batch, heads, sequence, head_dim]`` query and key) and
-    :meth:`unpack` (into a :class:`StepMaps`)."""
+    :meth:`unpack` (into a :class:`StepMaps`). A slot that forms its maps from other torch calls than
+    ``scaled_dot_product_attention`` names them in ``watches`` and overrides :meth:`see` and :meth:`leave`."""
+
+    #: the torch functions whose calls, made while the module runs, are handed to :meth:`see`
+    watches: tuple = ()
 
     def __init__(self, plan: LayerPlan, module: str, role: str):
         self.plan, self.module, self.role = plan, module, role
@@ -340,6 +349,8 @@ class _Slot:
         self.path = f"{plan.name}.{module}"
         #: None, or ``edit(plan, role, call) -> call``: rewrites the attention call's keywords before it runs
         self.edit = None
+        #: whether the module call now running is the one recorded (see ``AttentionRecorder(denoiser_call=)``)
+        self.recording = False
 
     def take(self, layout: list[int], what: str, shape: tuple[int, ...]) -> None:
         self.parts.append((what, layout[0], tuple(shape)))
@@ -365,6 +376,20 @@ class _Slot:
         if self.error is None:
             self.record(query, same_heads(query, key), output, last_sample_mask(call.get("attn_mask"), query.dtype),
                         call.get("scale"))
+
+    def see(self, func, args: tuple, kwargs: dict, output) -> None:
+        """A call of one of :attr:`watches` made while this module ran."""
+
+    def leave(self) -> None:
+        """The module call ended: one that made no observable attention call is refused (or, when its calls had
+        another shape than planned, reported as a shape mismatch)."""
+        if self.seen == 0 and self.error is None:
+            if self.mismatch:
+                self.error = f"layer {self.plan.name} ({self.role}): {self.mismatch}"
+            else:
+                self.fail("made no torch scaled_dot_product_attention call that diffviz can observe "
+                          "(its attention is computed another way); use a processor that calls it, or leave "
+                          "the layer out with --layers")
 
     def fail(self, why: str) -> None:
         if self.error is None or not self.fatal:
@@ -461,6 +486,8 @@ class _Observer(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.slots: list[_Slot] = []
+        #: None, or ``() -> bool``: whether the denoiser call now running is the recorded one
+        self.recorded_call = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -470,19 +497,26 @@ class _Observer(TorchFunctionMode):
             kwargs = slot.edit(slot.plan, slot.role, dict(zip(_SDPA_ARGS, args), **kwargs))
             args = ()
         output = func(*args, **kwargs)   # the model's own call (this mode is off inside the handler)
-        if func is _SDPA and self.slots:
+        if self.slots and self.slots[-1].recording and (func is _SDPA or func in self.slots[-1].watches):
             slot = self.slots[-1]
             try:
-                slot.observe(args, kwargs, output)
+                if func is _SDPA:
+                    slot.observe(args, kwargs, output)
+                else:
+                    slot.see(func, args, kwargs, output)
             except Exception as exc:  # noqa: BLE001 - the model's call never fails because of the recording
                 slot.fail(f"could not be recorded: {type(exc).__name__}: {exc}")
         return output
 
     def hooks(self, slot: _Slot):
         def before(module, args):
-            slot.entered += 1
-            slot.seen = 0
-            slot.mismatch = None
+            slot.recording = self.recorded_call is None or self.recorded_call()
+            if not slot.recording and slot.edit is None:
+                return   # another sample's call (true CFG's negative prompt): not observed, not counted
+            if slot.recording:
+                slot.entered += 1
+                slot.seen = 0
+                slot.mismatch = None
             self.slots.append(slot)
             if len(self.slots) == 1:
                 self.__enter__()
@@ -492,13 +526,9 @@ class _Observer(TorchFunctionMode):
                 self.slots.pop()
                 if not self.slots:
                     self.__exit__(None, None, None)
-            if slot.seen == 0 and slot.error is None:
-                if slot.mismatch:
-                    slot.error = f"layer {slot.plan.name} ({slot.role}): {slot.mismatch}"
-                else:
-                    slot.fail("made no torch scaled_dot_product_attention call that diffviz can observe "
-                              "(its attention is computed another way); use a processor that calls it, or leave "
-                              "the layer out with --layers")
+            if slot.recording:
+                slot.recording = False
+                slot.leave()
         return before, after
 
 
@@ -554,13 +584,22 @@ class AttentionRecorder:
     ``edit`` (interventions): ``edit(plan, role, call) -> call`` receives each recorded module's attention call as
     keywords (``query``, ``key``, ``value``, ``attn_mask``, ``scale``, …) and returns the call to make instead, in
     the one place the call is made; the maps describe the call as made. Without it nothing is changed.
+
+    ``denoiser_call``: which call of the denoiser within a step carries the conditional sample, for a pipeline that
+    calls it more than once per step (Qwen-Image's true CFG: the prompt's call, then the negative prompt's, each
+    with its own text length); only that call's modules are observed. None: the pipeline calls it once per step
+    (a CFG batch is one call). ``slot_types``: ``{role: slot class}`` for roles this module does not know
+    (``capture.linear.LinearSlot`` for ``linear``).
     """
 
     def __init__(self, denoiser, plans: list[LayerPlan], *, context_length: int, positions: Sequence[int] | None = None,
                  image_first: bool = True, content: Sequence[bool] | None = None, fail_on_shape_error: bool = False,
                  on_step: Callable[[StepMaps], None] | None = None,
-                 edit: Callable[[LayerPlan, str, dict], dict] | None = None):
+                 edit: Callable[[LayerPlan, str, dict], dict] | None = None, denoiser_call: int | None = None,
+                 slot_types: dict[str, type] | None = None):
         self.denoiser = denoiser
+        self.denoiser_call = denoiser_call
+        self._calls = 0   # denoiser calls so far in this step (counted only with ``denoiser_call``)
         self.layers = list(plans)
         self.context_length = int(context_length)
         #: the text-sequence position of each stored joint row (cross modules store every context slot)
@@ -589,7 +628,10 @@ class AttentionRecorder:
                 path = f"{plan.name}.{module}"
                 if path not in modules:
                     raise LayerSelectionError(f"layer {plan.name} has no attention module {module}")
-                if role == JOINT:
+                if role in (slot_types or {}):
+                    slot = slot_types[role](plan, module, heads=int(modules[path].heads), layout=layout,
+                                            device=self.device, dtype=self.dtype)
+                elif role == JOINT:
                     from capture.joint import JointSlot
 
                     slot = JointSlot(plan, module, image_first=image_first, n_text=self.context_length,
@@ -610,6 +652,9 @@ class AttentionRecorder:
         """Hook the recorded modules (their processors stay as they are)."""
         modules = dict(self.denoiser.named_modules())
         try:
+            if self.denoiser_call is not None:
+                self._observer.recorded_call = lambda: self._calls - 1 == self.denoiser_call
+                self._handles.append(self.denoiser.register_forward_pre_hook(self._count_call))
             for slot in self._slots:
                 module = modules[slot.path]
                 processor = getattr(module, "processor", None)
@@ -622,6 +667,9 @@ class AttentionRecorder:
             self.remove()
             raise
         return self
+
+    def _count_call(self, module, args) -> None:
+        self._calls += 1
 
     def _observable_backend(self, slot: _Slot, processor) -> None:
         """A processor that dispatches attention (``dispatch_attention_fn``) gets an observable backend for the run:
@@ -653,6 +701,7 @@ class AttentionRecorder:
         self._restore.clear()
         while self._observer.slots:  # an exception escaped a recorded module before its forward hook
             self._observer.slots.pop()
+        self._observer.recorded_call = None
 
     # ------------------------------------------------------------------ per step
     def start_copy(self) -> PendingMaps:
@@ -662,6 +711,7 @@ class AttentionRecorder:
         skipped = self._check_slots()
         for slot in self._slots:
             slot.entered = 0
+        self._calls = 0
         step, self._step = self._step, self._step + 1
         source = self.buffer if self.dtype in (torch.float16, torch.float32) else self.buffer.float()  # numpy: no bf16
         if source.is_cuda:

@@ -288,7 +288,7 @@ def _generate(config: GenerateConfig, pipe, prepared: Prepared, emit, cancel) ->
         recorder.install()
         try:
             asked_h, asked_w = prepared.output_size or (height, width)   # the pipeline bins it again itself
-            out = pipe(config.prompt, num_inference_steps=config.num_steps, height=asked_h, width=asked_w,
+            out = pipe(prompt=config.prompt, num_inference_steps=config.num_steps, height=asked_h, width=asked_w,
                        generator=torch.Generator("cpu").manual_seed(config.seed), output_type="np",
                        **family.callback_kwargs(step_writer), **kwargs)
             step_writer.flush()

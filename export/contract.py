@@ -51,6 +51,10 @@ JOINT_CROSS_SUM_RULE = ("image->text: each image cell's attention to the stored 
                         "also covers the image keys)")
 JOINT_SELF_SUM_RULE = "image->image: each row sums to < 1 (the softmax also covers the text keys)"
 TEXT_SUM_RULE = "text->image: each token's attention to the image cells sums to <= 1 (the softmax also covers text keys)"
+#: SANA's linear self-attention: A = relu(q)·relu(k)ᵀ normalised per query, whose row is 0 where the query's features
+#: meet no key's; stored rows are means of such rows over heads and cells.
+LINEAR_SELF_SUM_RULE = ("linear attention relu(q)·relu(k)ᵀ normalised per query: each row sums to 1, or to less "
+                        "where some head's query meets no key (that head's row is 0, as its output is)")
 CONCEPT_SUM_RULE = ("each image cell is a softmax over the content-word tokens' output vectors: those rows sum to 1, "
                     "other tokens' rows are 0")
 
@@ -85,6 +89,9 @@ LAYER_KINDS: dict[str, LayerKind] = {
                        _JOINT_ATTENTION),
     "single": LayerKind("an MM-DiT single-stream block: one softmax over the joint [text; image] stream",
                         _JOINT_ATTENTION),
+    "linear": LayerKind("a linear-attention DiT block (SANA): attn1 self-attention with a ReLU kernel (no softmax) "
+                        "over the image tokens, attn2 softmax cross-attention to the text",
+                        {KIND_CROSS: CROSS_SUM_RULE, KIND_SELF: LINEAR_SELF_SUM_RULE}),
 }
 
 

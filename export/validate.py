@@ -491,6 +491,12 @@ class _Checker:
         if rows.size and rows.max() > 1 + tol:
             raise DatasetError(f"rows reach {rows.max():.4f} > 1 + {tol:g} ({contract.JOINT_SELF_SUM_RULE})")
 
+    def check_linear_self(self, a: np.ndarray) -> None:
+        rows = self._finite_nonneg(a).sum(axis=1)
+        tol = contract.SUM_TOLERANCE
+        if rows.size and rows.max() > 1 + tol:
+            raise DatasetError(f"rows reach {rows.max():.4f} > 1 + {tol:g} ({contract.LINEAR_SELF_SUM_RULE})")
+
     def check_text(self, a: np.ndarray) -> None:
         a64 = self._finite_nonneg(a)
         sums = a64.reshape(a64.shape[0], -1).sum(axis=1)
@@ -719,6 +725,7 @@ RULE_CHECKS = {
     contract.JOINT_CROSS_SUM_RULE: _Checker.check_joint_cross,
     contract.SELF_SUM_RULE: _Checker.check_self,
     contract.JOINT_SELF_SUM_RULE: _Checker.check_joint_self,
+    contract.LINEAR_SELF_SUM_RULE: _Checker.check_linear_self,
     contract.TEXT_SUM_RULE: _Checker.check_text,
     contract.CONCEPT_SUM_RULE: _Checker.check_concept,
 }

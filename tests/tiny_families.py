@@ -183,9 +183,10 @@ def gemma_tokenizer(instruction: str):
 
 def build_sana(folder: str | Path, seed: int = 0) -> Path:
     """A SanaPipeline: 2 blocks, each a linear (ReLU-kernel) self-attention with heads 2 x 8 and an SDPA cross-attention
-    with heads 2 x 8, a 1-layer Gemma2 text encoder (hidden 16), a DC-AE with 4 latent channels and spatial factor 4,
-    and the flow-DPM-Solver scheduler that diffusers' SANA conversion script configures. ``sample_size=32`` selects
-    the 1024-px aspect-ratio bins, as for the real 1024-px checkpoints."""
+    with heads 2 x 8, a 1-layer Gemma2 text encoder (hidden 16), a DC-AE with 4 latent channels and spatial factor 32
+    (as the real f32c32 one), and the flow-DPM-Solver scheduler that diffusers' SANA conversion script configures.
+    ``sample_size=16`` selects the 512-px aspect-ratio bins (a request is generated at its bin, e.g. 32x64 at
+    352x704: 11x22 tokens), as for the real 512-px checkpoint."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -193,15 +194,15 @@ def build_sana(folder: str | Path, seed: int = 0) -> Path:
     transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                                          num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
                                          cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-                                         sample_size=32)
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-                        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                        downsample_block_type="conv", upsample_block_type="interpolate",
-                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+                                         sample_size=16)
+    stages = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=stages,
+                        decoder_block_types=stages, encoder_block_out_channels=(8,) * 6,
+                        decoder_block_out_channels=(8,) * 6, encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+                        decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3, encoder_layers_per_block=(1,) * 6,
+                        decoder_layers_per_block=(1,) * 6, downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
     instruction = "\n".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
     tokenizer = gemma_tokenizer(instruction)
     text_encoder = Gemma2Model(Gemma2Config(
@@ -222,11 +223,11 @@ BUILDERS = {"qwen_image": build_qwen_image, "flux2": build_flux2, "sana": build_
 
 #: A 2-step non-square call per family, as the tests run it. Qwen-Image with its true CFG (a negative prompt and
 #: true_cfg_scale > 1: two transformer calls per step); FLUX.2 is guidance-distilled (one call); SANA batches
-#: [uncond, cond] in one call and, with binning off, takes multiples of 32.
+#: [uncond, cond] in one call; its 352x704 is one of its aspect-ratio bins (binning on, the default), 11x22 tokens.
 RUN_KWARGS = {
     "qwen_image": {"height": 32, "width": 48, "negative_prompt": " ", "true_cfg_scale": 4.0},
     "flux2": {"height": 32, "width": 48},
-    "sana": {"height": 32, "width": 64, "use_resolution_binning": False},
+    "sana": {"height": 352, "width": 704},
 }
 
 _BUILT: dict[tuple[str, str], Path] = {}

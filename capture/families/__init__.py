@@ -19,6 +19,9 @@ REGISTRY: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "PixArtSigmaPipeline": "pixart",
+    "QwenImagePipeline": "qwen_image",
+    "Flux2Pipeline": "flux2",
+    "SanaPipeline": "sana",
 }
 
 __all__ = ["REGISTRY", "Family", "ModelLoadError", "Peek", "TokenInfo", "family_named", "for_model",

@@ -10,12 +10,10 @@ import torch
 
 from capture.config import ConfigError
 from capture.families.base import Peek, TokenInfo
-from capture.families.mmdit import MMDiTFamily
-
-PACK = 2  # Flux packs 2x2 latent pixels into one image token
+from capture.families.mmdit import PackedMMDiTFamily
 
 
-class Flux(MMDiTFamily):
+class Flux(PackedMMDiTFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
     title = "FLUX.1"
@@ -26,18 +24,8 @@ class Flux(MMDiTFamily):
     t5_default = 512
     t5_tokenizer = "tokenizer_2"
 
-    def token_patch(self, peek: Peek) -> int:
-        return PACK
-
     def context(self, tokenizers: dict[str, Any]) -> int:
         return self.max_sequence_length(tokenizers)
-
-    def native_size(self, peek: Peek) -> tuple[int, int]:
-        side = 128 * peek.vae_scale_factor  # FluxPipeline.default_sample_size
-        return side, side
-
-    def latent_channels(self, peek: Peek) -> int:
-        return int(peek.denoiser.config.in_channels) // (PACK * PACK)
 
     def pipeline_kwargs(self, config, peek: Peek | None = None) -> dict[str, Any]:
         if config.negative_prompt:

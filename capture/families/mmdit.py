@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from capture.families.base import Family, Peek, TokenInfo, clip_tokens
+from capture.families.base import Family, ModelLoadError, Peek, TokenInfo, clip_tokens
 from export.words import is_content
 
 SPACE = "\u2581"  # SentencePiece's word-start mark
@@ -68,7 +68,11 @@ class MMDiTFamily(Family):
     def peek(self, folder: Path) -> Peek:
         import diffusers
 
-        return self.peek_folder(folder, "transformer", getattr(diffusers, self.transformer_class))
+        cls = getattr(diffusers, self.transformer_class, None)
+        if cls is None:   # an older diffusers than the family needs (FLUX.2 came after the lower bound)
+            raise ModelLoadError(f"diffusers {diffusers.__version__} has no {self.transformer_class}: "
+                                 f"{self.pipeline_class} needs a newer diffusers")
+        return self.peek_folder(folder, "transformer", cls)
 
     def peek_pipe(self, pipe) -> Peek:
         tokenizers = {t: getattr(pipe, t) for _, t in self.encoders if getattr(pipe, t, None) is not None}
@@ -110,9 +114,18 @@ class MMDiTFamily(Family):
         from capture.recorder import AttentionRecorder
 
         content = [is_content(tokens.tokens, [i]) for i in range(len(tokens.tokens))]
-        return AttentionRecorder(self.denoiser(pipe), plans, context_length=context_length,
+        return AttentionRecorder(self.denoiser(pipe), plans, context_length=self.text_length(tokens, context_length),
                                  positions=[t["index"] for t in tokens.tokens], image_first=self.image_first,
-                                 content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step)
+                                 content=content, fail_on_shape_error=fail_on_shape_error, on_step=on_step,
+                                 denoiser_call=self.denoiser_call)
+
+    #: ``AttentionRecorder(denoiser_call=)``: which denoiser call of a step carries the conditional sample (None: one
+    #: call per step)
+    denoiser_call: int | None = None
+
+    def text_length(self, tokens: TokenInfo, context_length: int) -> int:
+        """The text sequence's length in this run (the peek's, unless it depends on the prompt)."""
+        return context_length
 
     # ------------------------------------------------------------------ latents
     def x0(self, scheduler, sample: torch.Tensor, model_output: torch.Tensor, out) -> torch.Tensor:
@@ -148,3 +161,20 @@ class MMDiTFamily(Family):
     def latent_channels(self, peek: Peek) -> int:
         return int(peek.denoiser.config.in_channels)
 
+
+
+class PackedMMDiTFamily(MMDiTFamily):
+    """An MM-DiT pipeline that packs 2×2 latent pixels into one image token and generates at 128 latent pixels a side
+    by default (``default_sample_size``): Flux, Qwen-Image, FLUX.2."""
+
+    pack = 2
+
+    def token_patch(self, peek: Peek) -> int:
+        return self.pack
+
+    def native_size(self, peek: Peek) -> tuple[int, int]:
+        side = 128 * peek.vae_scale_factor   # the pipeline's default_sample_size
+        return side, side
+
+    def latent_channels(self, peek: Peek) -> int:
+        return int(peek.denoiser.config.in_channels) // (self.pack * self.pack)

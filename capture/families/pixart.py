@@ -59,15 +59,21 @@ class PixArtSigma(Family):
     def size_multiple(self, peek: Peek) -> int:
         return math.lcm(8, peek.vae_scale_factor * int(peek.denoiser.config.patch_size))
 
+    #: transformer ``sample_size`` -> the name of the aspect-ratio bin table the pipeline generates at
+    bins = _BINS
+
+    def bin_table(self, name: str) -> dict:
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
+
+        return getattr(pipeline_pixart_sigma, name, None) or getattr(pipeline_pixart_alpha, name)
+
     def generated_size(self, peek: Peek, height: int, width: int) -> tuple[int, int]:
-        table = _BINS.get(int(peek.denoiser.config.sample_size))
+        table = self.bins.get(int(peek.denoiser.config.sample_size))
         if table is None:  # the pipeline refuses to bin ("Invalid sample size"); it runs at the size asked
             return height, width
         from diffusers.image_processor import PixArtImageProcessor
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
 
-        ratios = getattr(pipeline_pixart_sigma, table, None) or getattr(pipeline_pixart_alpha, table)
-        h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=ratios)
+        h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=self.bin_table(table))
         return int(h), int(w)
 
     def token_grid(self, peek: Peek, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -7,8 +7,10 @@
     python tests/bench/bench_capture.py --sd3           # the tests' tiny SD3 / Flux pipelines, 64x96, CPU
     python tests/bench/bench_capture.py --flux
     python tests/bench/bench_capture.py --pixart        # the tests' tiny PixArt-Σ pipeline, 48x84 (binned to 192x336), CPU
-    python tests/bench/bench_capture.py --families      # every tiny family above, one line each (CPU)
+    python tests/bench/bench_capture.py --families      # every tiny family above (and Qwen-Image, FLUX.2, SANA), one
+                                                        # line each (CPU)
     python tests/bench/bench_capture.py --mmdit-size    # an SD3-medium-width MM-DiT (random weights, 4 blocks), 512², CPU
+    python tests/bench/bench_capture.py --flux2-size    # FLUX.2's block structure at that width (3 blocks), 512², CPU
     python tests/bench/bench_capture.py --flux-size     # a Flux-size transformer (random weights), 1024², fp16, CUDA:
                                                         # one forward per step, plain vs recorded, with peak memory
 
@@ -84,7 +86,14 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
     on the device but never copies them (a diagnostic that separates compute from the per-step copy)."""
     kwargs = dict(num_inference_steps=steps, height=size[0], width=size[1], guidance_scale=7.5,
                   generator=torch.Generator("cpu").manual_seed(0), output_type=output_type)
-    if hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
+    if type(pipe).__name__ in OWN_CALL:  # the call diffviz makes (Qwen-Image: true CFG, two calls a step)
+        from capture.config import GenerateConfig
+
+        family = families.for_pipeline(pipe)
+        del kwargs["guidance_scale"]
+        kwargs.update(family.pipeline_kwargs(GenerateConfig(prompt=PROMPT, cfg_scale=4.0), family.peek_pipe(pipe)))
+        record = None if record is None else {**record, "prompt": PROMPT}
+    elif hasattr(pipe, "transformer"):  # MM-DiT: the tiny T5's length, and the prompt whose tokens are stored
         kwargs["max_sequence_length"] = 16
         if type(pipe).__name__.startswith("PixArt"):
             kwargs["clean_caption"] = False
@@ -93,11 +102,11 @@ def timed(pipe, *, steps: int, size: tuple[int, int], record: dict | None, devic
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
     if record is None:
-        out = pipe(PROMPT, **kwargs).images
+        out = pipe(prompt=PROMPT, **kwargs).images
     else:
         with record_attention(pipe, height=size[0], width=size[1], **record) as rec:
             callback = rec.callback_on_step_end if collect else (lambda *a: {})
-            out = pipe(PROMPT, **families.for_pipeline(pipe).callback_kwargs(callback), **kwargs).images
+            out = pipe(prompt=PROMPT, **families.for_pipeline(pipe).callback_kwargs(callback), **kwargs).images
         assert not collect or (len(rec.steps) == steps and len(rec.steps[-1].cross) == len(rec.layers))
     if device == "cuda":
         torch.cuda.synchronize()
@@ -182,15 +191,20 @@ def flux_size(args) -> int:
 
 
 TINY = {"sdxl": ("build_sdxl", (64, 128)), "sd3": ("build_sd3", (64, 96)), "flux": ("build_flux", (64, 96)),
-        "pixart": ("build_pixart", (48, 84))}
+        "pixart": ("build_pixart", (48, 84)),
+        # tests/tiny_families.py; SANA's 384x640 is one of its 512-px bins (12x20 tokens)
+        "qwen_image": ("build_qwen_image", (64, 96)), "flux2": ("build_flux2", (64, 96)), "sana": ("build_sana", (384, 640))}
+#: pipelines timed with the keywords their family's generate passes (not the older families' fixed ones)
+OWN_CALL = {"QwenImagePipeline", "Flux2Pipeline", "SanaPipeline"}
 
 
 def tiny_pipe(name: str, device: str):
     """One of the tests' tiny random-weight pipelines, saved and loaded as a folder; (pipe, size)."""
-    from tests import tiny_pipelines
+    from tests import tiny_families, tiny_pipelines
 
     builder, size = TINY[name]
-    folder = getattr(tiny_pipelines, builder)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
+    module = tiny_pipelines if hasattr(tiny_pipelines, builder) else tiny_families
+    folder = getattr(module, builder)(Path(tempfile.mkdtemp()) / f"tiny-{name}")
     return pipeline_mod.load_pipeline(str(folder), device), size
 
 
@@ -199,7 +213,7 @@ def families_ratios(args) -> int:
     steps, repeats = args.steps or 10, args.repeats or 5
     record = dict(max_layers=args.max_layers, resolution=32, self_resolution=16)
     print(f"recorded / plain per family, {steps} steps, median of {repeats} (process CPU time, wall in brackets)")
-    for name in ["toy", "toy-mmdit", *TINY]:
+    for name in args.only.split(",") if args.only else ["toy", "toy-mmdit", *TINY]:
         if name == "toy":
             pipe = pipeline_mod.load_pipeline(None, "cpu")
             size = pipeline_mod.native_size(pipe)
@@ -237,11 +251,44 @@ def mmdit_size(args) -> int:
     inputs = dict(hidden_states=torch.randn(2, 16, 64, 64), encoder_hidden_states=torch.randn(2, text, 4096),
                   pooled_projections=torch.randn(2, 2048), timestep=torch.tensor([500.0, 500.0]))
     plans, _ = plan_joint_layers(model, (32, 32), resolution=32, self_resolution=16)
+    label = (f"SD3-medium-width MM-DiT, {depth} blocks, random weights, 1024 image + {text} text tokens, CFG batch 2, "
+             f"float32, cpu: {len(plans)} recorded blocks")
+    return forward_ratio(args, label, model, inputs, lambda: AttentionRecorder(
+        model, plans, context_length=text, positions=list(range(12)), image_first=True))
+
+
+def flux2_size(args) -> int:
+    """FLUX.2's block structure and head size (heads of 128, parallel single-stream blocks, 512 text slots, no CFG
+    batch) at SD3-medium's width (12 heads: 1536) and reduced depth (1 double + 2 single blocks), random weights, one
+    forward per step on fixed inputs at 512² (32x32 image tokens), plain and recorded (the prompt's 12 tokens)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from capture.joint import plan_joint_layers
+    from capture.recorder import AttentionRecorder
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=128, num_attention_heads=12, joint_attention_dim=3 * 1536,
+                                    axes_dims_rope=(32, 32, 32, 32)).eval()
+    text, side = 512, 32
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros(side * side), rows.flatten(), cols.flatten(), torch.zeros(side * side)], -1)
+    txt_ids = torch.stack([torch.zeros(text), torch.zeros(text), torch.zeros(text), torch.arange(text)], -1)
+    inputs = dict(hidden_states=torch.randn(1, side * side, 128), encoder_hidden_states=torch.randn(1, text, 3 * 1536),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([4.0]), img_ids=img_ids, txt_ids=txt_ids)
+    plans, _ = plan_joint_layers(model, (side, side), resolution=32, self_resolution=16)
+    label = (f"FLUX.2-structure transformer at width 1536, 1 double + 2 single blocks, random weights, "
+             f"{side * side} image + {text} text tokens, batch 1, float32, cpu: {len(plans)} recorded blocks")
+    return forward_ratio(args, label, model, inputs, lambda: AttentionRecorder(
+        model, plans, context_length=text, positions=list(range(31, 43)), image_first=False))
+
+
+def forward_ratio(args, label: str, model, inputs: dict, recorder) -> int:
+    """Median per-step time of ``model(**inputs)``, plain and with ``recorder()`` installed, alternating."""
     steps, repeats = args.steps or 3, args.repeats or 3
 
     def run(recorded: bool) -> tuple[float, float]:
-        rec = AttentionRecorder(model, plans, context_length=text, positions=list(range(12)),
-                                image_first=True) if recorded else None
+        rec = recorder() if recorded else None
         start, cpu = time.perf_counter(), time.process_time()
         forwards(model, inputs, rec, steps)
         return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
@@ -253,8 +300,7 @@ def mmdit_size(args) -> int:
         recorded.append(run(True))
     wp, wr = (statistics.median(t for t, _ in r) for r in (plain, recorded))
     cp, cr = (statistics.median(c for _, c in r) for r in (plain, recorded))
-    print(f"SD3-medium-width MM-DiT, {depth} blocks, random weights, 1024 image + {text} text tokens, CFG batch 2, "
-          f"float32, cpu: {len(plans)} recorded blocks, median of {repeats}")
+    print(f"{label}, median of {repeats}")
     print(f"plain            : {wp:.3f} s/step  ({cp:.3f} s CPU)")
     print(f"with recording   : {wr:.3f} s/step  ({cr:.3f} s CPU)")
     print(f"ratio            : {cr / cp:.3f}x cpu, {wr / wp:.3f}x wall  (target <= 1.3x)")
@@ -269,8 +315,12 @@ def main(argv=None) -> int:
     p.add_argument("--flux", action="store_true", help="the tests' tiny random-weight Flux pipeline, 64x96 (CPU)")
     p.add_argument("--pixart", action="store_true", help="the tests' tiny random-weight PixArt-Σ pipeline (CPU)")
     p.add_argument("--families", action="store_true", help="every tiny family, the recorded/plain ratio of each (CPU)")
+    p.add_argument("--only", default="", help="with --families: these families only (comma-separated: toy, "
+                                              f"toy-mmdit, {', '.join(TINY)})")
     p.add_argument("--mmdit-size", action="store_true",
                    help="an SD3-medium-width MM-DiT transformer (random weights, reduced depth), 512², CPU")
+    p.add_argument("--flux2-size", action="store_true",
+                   help="FLUX.2's block structure at SD3-medium width (random weights, 3 blocks), 512², CPU")
     p.add_argument("--flux-size", action="store_true",
                    help="a Flux-size transformer, random weights, 1024², fp16 (CUDA; --tiny-check shrinks it for a CPU)")
     p.add_argument("--tiny-check", action="store_true", help="with --sd15: shrink it to smoke-test the code path on a CPU")
@@ -291,6 +341,8 @@ def main(argv=None) -> int:
         return flux_size(args)
     if args.mmdit_size:
         return mmdit_size(args)
+    if args.flux2_size:
+        return flux2_size(args)
     if args.families:
         return families_ratios(args)
     tiny = args.sd15 and args.tiny_check

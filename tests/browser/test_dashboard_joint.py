@@ -53,6 +53,16 @@ def failed_titles(bp) -> list[str]:
         .filter((m) => m.title && m.title.text && String(m.title.text).startsWith('⚠')).map((m) => m.title.text)""")
 
 
+def every_tab_draws(bp, name: str) -> None:
+    """Timeline, Attention and Trajectory each drawn: no banner, no failed panel, no console error."""
+    for tab in TABS[:3]:
+        show_tab(bp, tab)
+        bp.page.wait_for_timeout(500)
+    assert banner_text(bp) == "", (name, banner_text(bp))
+    assert failed_titles(bp) == [], name
+    assert bp.errors == [], bp.errors
+
+
 def test_word_to_image_shows_the_stored_map_of_a_t5_token(page, runs, artifacts):
     show_tab(page, "Attention")
     page.page.locator(".dv-text-map").wait_for(state="visible")
@@ -97,17 +107,21 @@ def test_a_unet_run_hides_word_to_image(page, runs):
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    """2-step non-square runs of the tiny random-weight SD3, Flux and PixArt-Σ pipelines, recorded by `generate`
-    (PixArt's 48x84 request is binned to 192x336, its final image stays 48x84)."""
+    """2-step non-square runs of the tiny random-weight SD3, Flux, PixArt-Σ, Qwen-Image, FLUX.2 and SANA pipelines,
+    recorded by `generate` (PixArt's 48x84 request is binned to 192x336, SANA's 48x80 to 384x640; their final images
+    stay at the size asked)."""
     pytest.importorskip("torch")
     from capture.config import GenerateConfig
     from capture.run import generate
+    from tests.tiny_families import build_flux2, build_qwen_image, build_sana
     from tests.tiny_pipelines import build_flux, build_pixart, build_sd3
 
     root = tmp_path_factory.mktemp("generated")
     out = {}
     for name, build, size, res in (("sd3", build_sd3, (32, 48), (12, 4)), ("flux", build_flux, (32, 48), (12, 4)),
-                                   ("pixart", build_pixart, (48, 84), (7, 7))):
+                                   ("pixart", build_pixart, (48, 84), (7, 7)),
+                                   ("qwen_image", build_qwen_image, (32, 48), (12, 4)),
+                                   ("flux2", build_flux2, (32, 48), (12, 6)), ("sana", build_sana, (48, 80), (10, 10))):
         config = GenerateConfig(prompt="a red circle and a blue square", num_steps=2, height=size[0], width=size[1],
                                 model=str(build(root / f"tiny-{name}")), output_dir=str(root / f"run-{name}"),
                                 device="cpu", attention_resolution=res[0], self_attention_resolution=res[1])
@@ -127,12 +141,7 @@ def test_recorded_sd3_and_flux_runs_open_in_every_tab(page, generated):
         raw = page.array(page.wait_values("attention-text", "raw", expected)[0])
         np.testing.assert_array_equal(raw, expected)
         assert raw.shape == (8, 12)  # 32x48 pixels: SD3 16x24 image tokens pooled by 2, Flux 8x12 as they are
-        for tab in TABS[:3]:
-            show_tab(page, tab)
-            page.page.wait_for_timeout(500)
-        assert banner_text(page) == "", (name, banner_text(page))
-        assert failed_titles(page) == [], name
-    assert page.errors == [], page.errors
+        every_tab_draws(page, name)
 
 
 def test_a_recorded_pixart_run_opens_in_every_tab(page, generated):
@@ -145,9 +154,24 @@ def test_a_recorded_pixart_run_opens_in_every_tab(page, generated):
     expected = read_bin(generated["pixart"], "attention/cross/layer_0_step_001.bin")[1]   # [T, 4, 7] -> "red"
     raw = page.array(page.wait_values("attention-heat", "raw", expected)[0])
     np.testing.assert_array_equal(raw, expected)
-    for tab in TABS[:3]:
-        show_tab(page, tab)
-        page.page.wait_for_timeout(500)
-    assert banner_text(page) == "", banner_text(page)
-    assert failed_titles(page) == []
-    assert page.errors == [], page.errors
+    every_tab_draws(page, "pixart")
+
+
+@pytest.mark.parametrize("name, label, row, text", [("qwen_image", "1: red", 1, True), ("flux2", "1: red", 1, True),
+                                                    ("sana", "2: red", 2, False)])
+def test_recorded_qwen_image_flux2_and_sana_runs_open_in_every_tab(page, generated, name, label, row, text):
+    """Qwen-Image and FLUX.2 (joint/single, the prompt's tokens taken out of a chat template) and SANA (kind linear,
+    <bos> first): the drawn cross map of "red" (and its word → image map) is the file's, every tab draws."""
+    ready = "attention-text" if text else "attention-image"
+    page.open(f"{page.server.url}?dataset={quote(str(generated[name]))}&step=1", ready_model=ready)
+    show_tab(page, "Attention")
+    page.page.locator(".dv-text-map").wait_for(state="visible" if text else "hidden")
+    page.set_widget("dv:layer", "0")
+    page.widget_element("dv:token", "select").select_option(label=label)
+    expected = read_bin(generated[name], "attention/cross/layer_0_step_001.bin")[row]
+    raw = page.array(page.wait_values("attention-heat", "raw", expected)[0])
+    np.testing.assert_array_equal(raw, expected)
+    if text:
+        expected = read_bin(generated[name], "attention/text/layer_0_step_001.bin")[row]
+        np.testing.assert_array_equal(page.array(page.wait_values("attention-text", "raw", expected)[0]), expected)
+    every_tab_draws(page, name)
