@@ -61,7 +61,7 @@ test: venv chromium $(PYODIDE_CORE) $(SELFHOST_WHEELS)/.done
 # file) but has its own diffusers, so only diffusers differs. Keep COMPAT_DIFFUSERS equal to that bound.
 COMPAT_VENV ?= .venv-compat
 COMPAT_DIFFUSERS ?= 0.35.2
-CAPTURE_TESTS ?= tests/test_capture_observe.py tests/test_recorder.py tests/test_joint.py tests/test_families.py
+CAPTURE_TESTS ?= tests/test_capture_observe.py tests/test_recorder.py tests/test_joint.py tests/test_families.py tests/test_new_families.py
 
 compat: venv
 	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
